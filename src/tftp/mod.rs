@@ -1,0 +1,11 @@
+//! The TFTP protocol: wire format, pure transfer state machines, and the tokio drivers around
+//! them. Nothing in here knows about caches or upstreams: a server serves whatever a [`Source`]
+//! hands it, and a client yields bytes to whoever asked.
+
+pub mod client;
+pub mod netascii;
+pub mod packet;
+pub mod server;
+pub mod transfer;
+
+pub use server::{Content, OpenError, ReadRequest, Source};
