@@ -16,6 +16,11 @@
 //! | [`name`] | phone file names: normalization, case folding, rejection of escapes |
 //! | [`config`] | the YAML configuration: schema, defaults, validation with positions |
 
+pub mod app;
 pub mod config;
+pub mod front;
+pub mod get;
+pub mod logging;
 pub mod name;
+pub mod overrides;
 pub mod tftp;
