@@ -396,45 +396,110 @@ pub fn negotiate(
     (params, oack)
 }
 
-/// Reads `Content` into blocks of exactly `blksize` bytes (the last one shorter, possibly
-/// empty), translating to netascii when asked. Runs ahead of the sender by a few windows.
-async fn read_blocks(
-    mut content: Content,
-    mode: Mode,
-    blksize: usize,
-    tx: mpsc::Sender<io::Result<Bytes>>,
-) {
-    let mut raw = vec![0u8; 128 * 1024];
-    let mut pending = BytesMut::with_capacity(256 * 1024);
+/// What the reader task hands the transfer: read-ahead chunks, then an explicit end (a closed
+/// channel without `End` means the reader died, which must never look like a complete file).
+enum Chunk {
+    Data(Bytes),
+    End,
+    Failed(io::Error),
+}
+
+/// Reads `Content` ahead of the sender in large chunks (translated to netascii when asked), so
+/// the transfer task is not woken per block.
+async fn read_ahead(mut content: Content, mode: Mode, tx: mpsc::Sender<Chunk>) {
+    let mut raw = vec![0u8; 64 * 1024];
     let mut ascii = Vec::new();
     loop {
         let n = match content.reader.read(&mut raw).await {
+            Ok(0) => break,
             Ok(n) => n,
             Err(e) => {
-                let _ = tx.send(Err(e)).await;
+                let _ = tx.send(Chunk::Failed(e)).await;
                 return;
             }
         };
-        if n == 0 {
-            break;
-        }
-        match mode {
-            Mode::Octet => pending.extend_from_slice(&raw[..n]),
+        let chunk = match mode {
+            Mode::Octet => Bytes::copy_from_slice(&raw[..n]),
             Mode::Netascii => {
                 ascii.clear();
                 netascii::encode(&raw[..n], &mut ascii);
-                pending.extend_from_slice(&ascii);
+                Bytes::copy_from_slice(&ascii)
             }
+        };
+        if tx.send(Chunk::Data(chunk)).await.is_err() {
+            return;
         }
-        while pending.len() >= blksize {
-            let block = pending.split_to(blksize).freeze();
-            if tx.send(Ok(block)).await.is_err() {
-                return;
+    }
+    let _ = tx.send(Chunk::End).await;
+}
+
+/// Cuts read-ahead chunks into blocks of exactly `blksize` bytes; the final block is shorter,
+/// and empty when the size is a multiple of blksize (RFC 1350 §6).
+struct Blocks {
+    rx: mpsc::Receiver<Chunk>,
+    pending: BytesMut,
+    blksize: usize,
+    ended: bool,
+    final_given: bool,
+}
+
+impl Blocks {
+    /// A block if one is ready without waiting; `Ok(None)` when more data must be awaited.
+    fn try_next(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            if let Some(b) = self.cut() {
+                return Ok(Some(b));
+            }
+            match self.rx.try_recv() {
+                Ok(c) => self.take(c)?,
+                Err(mpsc::error::TryRecvError::Empty) => return Ok(None),
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    self.take_closed()?;
+                }
             }
         }
     }
-    // The final block is shorter than blksize: empty when the size was a multiple of it.
-    let _ = tx.send(Ok(pending.freeze())).await;
+
+    /// Waits for the next block.
+    async fn next(&mut self) -> io::Result<Bytes> {
+        loop {
+            if let Some(b) = self.cut() {
+                return Ok(b);
+            }
+            match self.rx.recv().await {
+                Some(c) => self.take(c)?,
+                None => self.take_closed()?,
+            }
+        }
+    }
+
+    fn cut(&mut self) -> Option<Bytes> {
+        if self.pending.len() >= self.blksize {
+            return Some(self.pending.split_to(self.blksize).freeze());
+        }
+        if self.ended && !self.final_given {
+            self.final_given = true;
+            return Some(self.pending.split().freeze());
+        }
+        None
+    }
+
+    fn take(&mut self, c: Chunk) -> io::Result<()> {
+        match c {
+            Chunk::Data(d) => self.pending.extend_from_slice(&d),
+            Chunk::End => self.ended = true,
+            Chunk::Failed(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    fn take_closed(&mut self) -> io::Result<()> {
+        if self.ended {
+            // Only reached if asked again after the final block: nothing more to give.
+            return Err(io::Error::other("read past the end"));
+        }
+        Err(io::Error::other("content source ended unexpectedly"))
+    }
 }
 
 /// Drives one [`Sender`] over its socket. Returns the bytes acknowledged and the outcome.
@@ -446,32 +511,34 @@ async fn run_transfer(
     content: Content,
     mode: Mode,
 ) -> (u64, Result<(), String>) {
-    let (tx, mut blocks) = mpsc::channel(params.windowsize as usize * 2 + 8);
-    let reader = tokio::spawn(read_blocks(content, mode, params.blksize as usize, tx));
+    let (tx, rx) = mpsc::channel(4);
+    let reader = tokio::spawn(read_ahead(content, mode, tx));
     let _abort_reader = AbortOnDrop(reader);
+    let mut blocks = Blocks {
+        rx,
+        pending: BytesMut::with_capacity(128 * 1024),
+        blksize: params.blksize as usize,
+        ended: false,
+        final_given: false,
+    };
     let mut sender = Sender::new(params, oack, Instant::now());
     let mut buf = vec![0u8; 65536];
-    let mut source_done = false;
+    // One timer, re-armed only when the deadline moves: creating a timer per packet costs more
+    // than the rest of the packet's handling.
+    let timer = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
     let result = loop {
         // Take every block already read, without waiting.
-        while sender.wants_data() && !source_done {
-            match blocks.try_recv() {
-                Ok(Ok(block)) => sender.push_data(block, Instant::now()),
-                Ok(Err(e)) => {
+        while sender.wants_data() {
+            match blocks.try_next() {
+                Ok(Some(block)) => sender.push_data(block, Instant::now()),
+                Ok(None) => break,
+                Err(e) => {
                     break_with_source_error(sock, peer, &e).await;
                     return (sender.bytes_acked(), Err(format!("source failed: {e}")));
                 }
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    source_done = true;
-                }
             }
-        }
-        if source_done && sender.wants_data() {
-            // The reader ended without a final block: it died. Never let that look complete.
-            let e = io::Error::other("content source ended unexpectedly");
-            break_with_source_error(sock, peer, &e).await;
-            return (sender.bytes_acked(), Err(e.to_string()));
         }
         while let Some(d) = sender.poll_transmit() {
             if let Err(e) = sock.send_to(&d, peer).await {
@@ -496,7 +563,13 @@ async fn run_transfer(
             Status::Protocol(m) => break Err(m.clone()),
         }
         let deadline = sender.poll_timeout();
-        let want = sender.wants_data() && !source_done;
+        if deadline != armed {
+            if let Some(d) = deadline {
+                timer.as_mut().reset(d.into());
+            }
+            armed = deadline;
+        }
+        let want = sender.wants_data();
         tokio::select! {
             biased;
             r = sock.recv_from(&mut buf) => {
@@ -517,17 +590,17 @@ async fn run_transfer(
                     }
                 }
             }
-            b = blocks.recv(), if want => {
+            b = blocks.next(), if want => {
                 match b {
-                    Some(Ok(block)) => sender.push_data(block, Instant::now()),
-                    Some(Err(e)) => {
+                    Ok(block) => sender.push_data(block, Instant::now()),
+                    Err(e) => {
                         break_with_source_error(sock, peer, &e).await;
                         return (sender.bytes_acked(), Err(format!("source failed: {e}")));
                     }
-                    None => source_done = true,
                 }
             }
-            _ = sleep_until(deadline), if deadline.is_some() => {
+            _ = &mut timer, if deadline.is_some() => {
+                armed = None;
                 sender.handle_timeout(Instant::now());
             }
         }
@@ -542,13 +615,6 @@ async fn break_with_source_error(sock: &UdpSocket, peer: SocketAddr, e: &io::Err
     let _ = sock
         .send_to(&error_bytes(ErrorCode::NotDefined, &e.to_string()), peer)
         .await;
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => futures::future::pending().await,
-    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
