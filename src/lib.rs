@@ -24,3 +24,4 @@ pub mod logging;
 pub mod name;
 pub mod overrides;
 pub mod tftp;
+pub mod upstream;
