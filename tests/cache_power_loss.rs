@@ -198,8 +198,8 @@ fn cache_survives_sigkill_at_random_moments() {
                 .unwrap();
             let sep = if journal.ends_with('\n') { "" } else { "\n" };
             match cache.get(&key) {
-                Some(e) => write!(j, "{sep}done {key} {}\n", e.sha256).unwrap(),
-                None => write!(j, "{sep}evicted {key}\n").unwrap(),
+                Some(e) => note(&mut j, format!("{sep}done {key} {}\n", e.sha256)),
+                None => note(&mut j, format!("{sep}evicted {key}\n")),
             }
         }
         drop(cache);
