@@ -35,6 +35,8 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         root: Option<PathBuf>,
     },
+    /// Inspect and manage the cache: ls, verify, import DIR, evict NAME.
+    Cache(branchtftp::cache::cli::CacheArgs),
     /// Download one file: tftp://HOST[:PORT]/NAME or http://HOST:PORT/NAME.
     Get {
         url: String,
@@ -64,6 +66,16 @@ fn load_config(explicit: Option<&std::path::Path>) -> anyhow::Result<Config> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Cache(args) => {
+            branchtftp::logging::init(branchtftp::config::LogLevel::Info);
+            return match branchtftp::cache::cli::run(&args) {
+                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Err(e) => {
+                    eprintln!("branchtftp: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Command::Serve {
             config,
             listen,
