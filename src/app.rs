@@ -7,10 +7,13 @@ use std::time::Duration;
 use anyhow::Context;
 use tracing::info;
 
+use crate::cache::{Cache, ClassRules};
 use crate::config::Config;
-use crate::front::{Gate, TftpFront};
+use crate::front::{Gate, Resolver, TftpFront};
 use crate::overrides::Overrides;
 use crate::tftp::server::{Server, ServerConfig};
+use crate::upstream::flight::Fetcher;
+use crate::upstream::UpstreamChain;
 
 /// Resolves when the process is asked to stop (SIGTERM or SIGINT).
 pub async fn shutdown_signal() {
@@ -34,14 +37,48 @@ pub fn server_config(cfg: &Config) -> ServerConfig {
     }
 }
 
+/// How `serve` was asked to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The appliance: overrides, cache and upstream chain.
+    Appliance,
+    /// `serve --root DIR` alone: a plain read-only TFTP server of DIR, no cache.
+    PlainDirectory,
+}
+
 /// Runs the appliance in the foreground until a stop signal.
-pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+pub async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<()> {
     let gate = Gate::new(cfg.access.clone());
     let overrides = cfg
         .cache
         .overrides
         .is_dir()
         .then(|| Overrides::new(&cfg.cache.overrides));
+    let fetcher = match mode {
+        Mode::PlainDirectory => None,
+        Mode::Appliance => {
+            let rules = ClassRules::new(cfg.cache.classes.clone());
+            let dir = cfg.cache.dir.clone();
+            let max = cfg.cache.max_size;
+            let (cache, report) =
+                tokio::task::spawn_blocking(move || Cache::open(&dir, max, rules))
+                    .await?
+                    .with_context(|| {
+                        format!("cannot open the cache in {}", cfg.cache.dir.display())
+                    })?;
+            let (files, bytes) = cache.totals();
+            info!(
+                "cache {}: {files} files, {bytes} bytes, {} repairs at start",
+                cfg.cache.dir.display(),
+                report.repairs()
+            );
+            let chain = UpstreamChain::new(&cfg.upstreams)?;
+            for up in chain.upstreams() {
+                info!("upstream {}", up.url);
+            }
+            Some(Fetcher::new(cache, chain, cfg.sync.negative_ttl))
+        }
+    };
     let server = Server::bind(server_config(&cfg)).context("cannot start the TFTP front end")?;
     for addr in server.local_addrs() {
         info!("TFTP listening on {addr}");
@@ -49,7 +86,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     if let Some(o) = &overrides {
         info!("serving overrides from {}", o.root().display());
     }
-    let front = Arc::new(TftpFront { gate, overrides });
+    let resolver = Arc::new(Resolver { overrides, fetcher });
+    let front = Arc::new(TftpFront { gate, resolver });
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     server.run(front, shutdown_signal()).await?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);

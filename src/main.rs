@@ -31,7 +31,15 @@ enum Command {
         /// TFTP listen address, repeatable (overrides tftp.listen), e.g. 0.0.0.0:69 or [::]:69.
         #[arg(long = "listen", value_name = "ADDR")]
         listen: Vec<SocketAddr>,
-        /// Directory of local files served read-only (overrides cache.overrides).
+        /// Upstream server, repeatable, tried in order (replaces `upstreams`):
+        /// http://HOST:PORT or tftp://HOST[:PORT].
+        #[arg(long = "upstream", value_name = "URL")]
+        upstream: Vec<String>,
+        /// Cache directory (overrides cache.dir).
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Overrides directory: local files that win over upstream copies (overrides
+        /// cache.overrides). Alone, makes a plain read-only TFTP server of DIR.
         #[arg(long, value_name = "DIR")]
         root: Option<PathBuf>,
     },
@@ -79,18 +87,40 @@ fn main() -> ExitCode {
         Command::Serve {
             config,
             listen,
+            upstream,
+            cache_dir,
             root,
         } => (|| {
+            let located = Config::locate(config.as_deref());
             let mut cfg = load_config(config.as_deref())?;
             if !listen.is_empty() {
                 cfg.tftp.listen = listen;
+            }
+            let plain =
+                root.is_some() && located.is_none() && upstream.is_empty() && cache_dir.is_none();
+            if !upstream.is_empty() {
+                cfg.upstreams = upstream
+                    .into_iter()
+                    .map(|url| branchtftp::config::UpstreamConfig {
+                        url,
+                        timeout: Duration::from_secs(10),
+                    })
+                    .collect();
+            }
+            if let Some(dir) = cache_dir {
+                cfg.cache.dir = dir;
             }
             if let Some(root) = root {
                 anyhow::ensure!(root.is_dir(), "--root {}: not a directory", root.display());
                 cfg.cache.overrides = root;
             }
             branchtftp::logging::init(cfg.log);
-            runtime()?.block_on(branchtftp::app::serve(cfg))
+            let mode = if plain {
+                branchtftp::app::Mode::PlainDirectory
+            } else {
+                branchtftp::app::Mode::Appliance
+            };
+            runtime()?.block_on(branchtftp::app::serve(cfg, mode))
         })(),
         Command::Get {
             url,

@@ -77,6 +77,12 @@ impl Publisher {
         &self.name
     }
 
+    /// A read-only handle on the temp file, for streaming the bytes to clients while they are
+    /// still arriving (call `flush` first). It stays valid after commit or abort: same inode.
+    pub fn open_reader(&self) -> Result<File, CacheError> {
+        File::open(&self.tmp).map_err(CacheError::io(&self.tmp))
+    }
+
     /// Bytes accepted so far.
     pub fn written(&self) -> u64 {
         self.written

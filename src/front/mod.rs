@@ -1,6 +1,6 @@
 //! Front ends: what a phone's request meets before any content. Access control (`access.allow`),
-//! per-client and global transfer limits, and the mapping of a request onto the overrides
-//! directory (and, on a miss, whatever serves content behind it).
+//! per-client and global transfer limits, then the overrides directory, the cache and, on a
+//! miss, the shared upstream fetch.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -11,7 +11,8 @@ use tracing::info;
 
 use crate::config::AccessConfig;
 use crate::overrides::Overrides;
-use crate::tftp::server::{Content, OpenError, ReadRequest, Source, TransferReport};
+use crate::tftp::server::{Content, OpenError, Origin, ReadRequest, Source, TransferReport};
+use crate::upstream::flight::{Fetcher, MissError, Served};
 
 /// Admission control shared by the TFTP and HTTP front ends.
 #[derive(Debug)]
@@ -94,10 +95,70 @@ impl Gate {
     }
 }
 
-/// The TFTP front end's source: admission, then the overrides directory.
+/// Content found for a request, independent of the protocol that will carry it.
+pub struct Found {
+    pub size: Option<u64>,
+    pub reader: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>,
+    pub origin: Origin,
+}
+
+/// Why a request gets no content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    NotFound,
+    Unreachable(String),
+    Failed(String),
+}
+
+/// Where content comes from, in order: overrides, cache, upstream chain (single flight).
+pub struct Resolver {
+    pub overrides: Option<Overrides>,
+    pub fetcher: Option<Arc<Fetcher>>,
+}
+
+impl Resolver {
+    pub async fn find(&self, name: &crate::name::FileName) -> Result<Found, Lookup> {
+        if let Some(o) = &self.overrides {
+            match o.open(name) {
+                Ok(Some((file, size))) => {
+                    return Ok(Found {
+                        size: Some(size),
+                        reader: Box::pin(tokio::fs::File::from_std(file)),
+                        origin: Origin::Local,
+                    })
+                }
+                Ok(None) => {}
+                Err(e) => return Err(Lookup::Failed(format!("cannot read override: {e}"))),
+            }
+        }
+        let Some(fetcher) = &self.fetcher else {
+            return Err(Lookup::NotFound);
+        };
+        match fetcher.open(name).await {
+            Ok(Served::Hit(file)) => {
+                let source = file.entry.source.clone();
+                Ok(Found {
+                    size: Some(file.entry.size),
+                    reader: Box::pin(file.into_async_read()),
+                    origin: Origin::Hit { source },
+                })
+            }
+            Ok(Served::Miss(m)) => Ok(Found {
+                size: m.size,
+                reader: m.reader,
+                origin: Origin::Miss { source: m.source },
+            }),
+            Err(MissError::NotFound) => Err(Lookup::NotFound),
+            Err(MissError::Unreachable(why)) => Err(Lookup::Unreachable(why)),
+            Err(MissError::Failed(why)) => Err(Lookup::Failed(why)),
+        }
+    }
+}
+
+/// The TFTP front end's source: admission, then the resolver.
 pub struct TftpFront {
     pub gate: Arc<Gate>,
-    pub overrides: Option<Overrides>,
+    pub resolver: Arc<Resolver>,
 }
 
 /// Wraps a reader so the admission slot lives exactly as long as the transfer's content.
@@ -130,34 +191,39 @@ impl Source for TftpFront {
                     return Err(OpenError::Busy);
                 }
             };
-            if let Some(o) = &self.overrides {
-                match o.open(&req.name) {
-                    Ok(Some((file, size))) => {
-                        return Ok(Content {
-                            size: Some(size),
-                            reader: Box::pin(Guarded {
-                                inner: tokio::fs::File::from_std(file),
-                                _slot: slot,
-                            }),
-                        })
-                    }
-                    Ok(None) => {}
-                    Err(e) => return Err(OpenError::Unavailable(format!("cannot read file: {e}"))),
+            match self.resolver.find(&req.name).await {
+                Ok(found) => Ok(Content {
+                    size: found.size,
+                    reader: Box::pin(Guarded {
+                        inner: found.reader,
+                        _slot: slot,
+                    }),
+                    origin: found.origin,
+                }),
+                Err(Lookup::NotFound) => Err(OpenError::NotFound),
+                Err(Lookup::Unreachable(_)) => {
+                    Err(OpenError::Unavailable("upstream unreachable".into()))
                 }
+                Err(Lookup::Failed(why)) => Err(OpenError::Unavailable(why)),
             }
-            Err(OpenError::NotFound)
         })
     }
 
     fn finished(&self, r: &TransferReport) {
+        let (result, source) = match &r.origin {
+            Some(o) => (o.result(), o.source().to_string()),
+            None => ("none", String::from("-")),
+        };
         match &r.outcome {
             Ok(()) => info!(
                 client = %r.client, name = %r.name, protocol = "tftp", bytes = r.bytes,
-                duration_ms = r.duration.as_millis() as u64, "transfer complete"
+                duration_ms = r.duration.as_millis() as u64, result, source = %source,
+                "transfer complete"
             ),
             Err(e) => info!(
                 client = %r.client, name = %r.name, protocol = "tftp", bytes = r.bytes,
-                duration_ms = r.duration.as_millis() as u64, "transfer failed: {e}"
+                duration_ms = r.duration.as_millis() as u64, result, source = %source,
+                "transfer failed: {e}"
             ),
         }
     }

@@ -8,4 +8,4 @@ pub mod packet;
 pub mod server;
 pub mod transfer;
 
-pub use server::{Content, OpenError, ReadRequest, Source};
+pub use server::{Content, OpenError, Origin, ReadRequest, Source};

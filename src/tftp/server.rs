@@ -44,6 +44,36 @@ pub struct ReadRequest {
 pub struct Content {
     pub size: Option<u64>,
     pub reader: Pin<Box<dyn AsyncRead + Send>>,
+    /// Where the bytes come from, for the transfer's log line and metrics.
+    pub origin: Origin,
+}
+
+/// Where a transfer's bytes came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The overrides directory (or `serve --root`).
+    Local,
+    /// The cache; `source` is the upstream it was fetched from.
+    Hit { source: String },
+    /// Streamed through from an upstream on a miss.
+    Miss { source: String },
+}
+
+impl Origin {
+    /// `hit` or `miss`, as in the metrics' `result` label.
+    pub fn result(&self) -> &'static str {
+        match self {
+            Origin::Local | Origin::Hit { .. } => "hit",
+            Origin::Miss { .. } => "miss",
+        }
+    }
+
+    pub fn source(&self) -> &str {
+        match self {
+            Origin::Local => "local",
+            Origin::Hit { source } | Origin::Miss { source } => source,
+        }
+    }
 }
 
 /// Why a file cannot be served; each maps to one TFTP ERROR (RFC 1350 §5).
@@ -66,6 +96,8 @@ pub struct TransferReport {
     pub name: String,
     pub bytes: u64,
     pub duration: Duration,
+    /// `None` when the request failed before any content was opened.
+    pub origin: Option<Origin>,
     pub outcome: Result<(), String>,
 }
 
@@ -338,11 +370,13 @@ async fn handle_request<S: Source + ?Sized>(
                 name: name.to_string(),
                 bytes: 0,
                 duration: started.elapsed(),
+                origin: None,
                 outcome: Err(e.to_string()),
             });
             return;
         }
     };
+    let origin = content.origin.clone();
     let (params, oack) = negotiate(cfg, &options, mode, content.size);
     let outcome = run_transfer(&sock, peer, params, oack, content, mode).await;
     let (bytes, result) = outcome;
@@ -351,6 +385,7 @@ async fn handle_request<S: Source + ?Sized>(
         name: name.to_string(),
         bytes,
         duration: started.elapsed(),
+        origin: Some(origin),
         outcome: result,
     });
 }

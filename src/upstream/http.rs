@@ -2,9 +2,7 @@
 //! rustls, connect and read timeouts, streamed bodies, conditional GET.
 
 use futures::StreamExt;
-use reqwest::header::{
-    CONTENT_LENGTH, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED,
-};
+use reqwest::header::{CONTENT_LENGTH, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED};
 use reqwest::StatusCode;
 
 use super::{Answer, Body, FetchError, Validators};
@@ -53,11 +51,12 @@ pub(super) async fn fetch(
             .and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok())
             .map(str::to_string)
     };
+    let size = header(CONTENT_LENGTH).and_then(|v| v.parse().ok());
     let validators = Validators {
         etag: header(ETAG),
         last_modified: header(LAST_MODIFIED),
+        upstream_size: size,
     };
-    let size = header(CONTENT_LENGTH).and_then(|v| v.parse().ok());
     let mut got = 0u64;
     let stream = resp
         .bytes_stream()

@@ -17,12 +17,7 @@ use tracing::{info, warn};
 
 use crate::config::UpstreamConfig;
 
-/// Validators an upstream gave with a file, for conditional revalidation (RFC 9110 §13).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Validators {
-    pub etag: Option<String>,
-    pub last_modified: Option<String>,
-}
+pub use crate::cache::Validators;
 
 /// A body being received: its announced size (Content-Length, OACK tsize) and the bytes.
 pub struct Body {
@@ -213,7 +208,11 @@ impl Upstream {
     /// Asks this upstream for `name`, conditionally when `known` validators are given (HTTP).
     /// Health is updated from the outcome of the request itself; a body that breaks off later
     /// is reported by its stream.
-    pub async fn fetch(&self, name: &str, known: Option<&Validators>) -> Result<Answer, FetchError> {
+    pub async fn fetch(
+        &self,
+        name: &str,
+        known: Option<&Validators>,
+    ) -> Result<Answer, FetchError> {
         let result = match &self.protocol {
             Protocol::Http { base } => http::fetch(&self.http, base, name, known).await,
             Protocol::Tftp { addr } => tftp::fetch(*addr, name, self.timeout).await,

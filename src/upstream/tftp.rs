@@ -16,8 +16,12 @@ pub(super) async fn fetch(
 ) -> Result<Answer, FetchError> {
     // The configured timeout bounds how long a silent server costs us: a retransmit timer of at
     // most 1 s, retried until the budget is spent.
-    let rtx = timeout.min(Duration::from_secs(1)).max(Duration::from_millis(100));
-    let retries = ((timeout.as_millis() / rtx.as_millis()) as u32).saturating_sub(1).max(1);
+    let rtx = timeout
+        .min(Duration::from_secs(1))
+        .max(Duration::from_millis(100));
+    let retries = ((timeout.as_millis() / rtx.as_millis()) as u32)
+        .saturating_sub(1)
+        .max(1);
     let opts = ClientOptions {
         blksize: Some(1428),
         windowsize: Some(16),
@@ -42,7 +46,10 @@ pub(super) async fn fetch(
         .boxed();
     Ok(Answer::Found(Body {
         size,
-        validators: Validators::default(),
+        validators: Validators {
+            upstream_size: size,
+            ..Validators::default()
+        },
         stream,
     }))
 }
