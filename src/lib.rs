@@ -14,8 +14,10 @@
 //! | [`tftp::server`] | tokio driver: listeners, one task and one ephemeral socket per transfer, serving a [`tftp::Source`] |
 //! | [`tftp::client`] | tokio driver for downloads, yielding bytes as they arrive |
 //! | [`name`] | phone file names: normalization, case folding, rejection of escapes |
-//! | [`config`] | the YAML configuration: schema, defaults, validation with positions |
+//! | [`config`] | the YAML configuration: schema, defaults, validation with positions, `check-config` |
+//! | [`manpage`] | the `branchtftp(1)` man page, generated from the CLI definition |
 
 pub mod config;
+pub mod manpage;
 pub mod name;
 pub mod tftp;
