@@ -57,8 +57,10 @@ fn packaged_config_spells_out_every_default() {
     let out = check_config(&deploy_dir().join("branchtftp.yaml"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let packaged = branchtftp::config::Config::from_yaml(&stdout, "effective").unwrap();
-    let mut expected = branchtftp::config::Config::default();
-    expected.upstreams = packaged.upstreams.clone();
+    let expected = branchtftp::config::Config {
+        upstreams: packaged.upstreams.clone(),
+        ..Default::default()
+    };
     assert_eq!(packaged, expected);
     assert_eq!(
         packaged.upstreams[0].url,
