@@ -15,7 +15,8 @@
 //! | [`tftp::client`] | tokio driver for downloads, yielding bytes as they arrive |
 //! | [`name`] | phone file names: normalization, case folding, rejection of escapes |
 //! | [`cache`] | the local store: sled index + plain files, atomic publish, recovery, quota, verify, import |
-//! | [`config`] | the YAML configuration: schema, defaults, validation with positions |
+//! | [`config`] | the YAML configuration: schema, defaults, validation with positions, `check-config` |
+//! | [`manpage`] | the `branchtftp(1)` man page, generated from the CLI definition |
 
 pub mod app;
 pub mod cache;
@@ -23,6 +24,7 @@ pub mod config;
 pub mod front;
 pub mod get;
 pub mod logging;
+pub mod manpage;
 pub mod name;
 pub mod overrides;
 pub mod tftp;

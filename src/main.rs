@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use branchtftp::config::Config;
 
@@ -43,6 +43,19 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         root: Option<PathBuf>,
     },
+    /// Parse and validate the configuration; print the effective configuration.
+    ///
+    /// Exit 0 when valid; 2 when invalid, with every problem on stderr as
+    /// FILE:LINE:COL: key: problem.
+    CheckConfig {
+        /// Configuration file (default: $BRANCHTFTP_CONFIG, else /etc/branchtftp/branchtftp.yaml
+        /// if it exists, else the embedded defaults).
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Print the man page (roff) on stdout; used by packaging.
+    #[command(hide = true)]
+    Man,
     /// Inspect and manage the cache: ls, verify, import DIR, evict NAME.
     Cache(branchtftp::cache::cli::CacheArgs),
     /// Download one file: tftp://HOST[:PORT]/NAME or http://HOST:PORT/NAME.
@@ -74,6 +87,18 @@ fn load_config(explicit: Option<&std::path::Path>) -> anyhow::Result<Config> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::CheckConfig { config } => {
+            return ExitCode::from(branchtftp::config::check_config(config.as_deref()) as u8)
+        }
+        Command::Man => {
+            return match branchtftp::manpage::render(&Cli::command(), &mut std::io::stdout().lock()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("branchtftp man: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Cache(args) => {
             branchtftp::logging::init(branchtftp::config::LogLevel::Info);
             return match branchtftp::cache::cli::run(&args) {
