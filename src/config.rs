@@ -111,6 +111,8 @@ pub struct CacheConfig {
     #[serde(with = "size_serde")]
     pub max_size: u64,
     pub overrides: PathBuf,
+    /// Rules that class files before the built-in ones (first match wins).
+    pub classes: Vec<crate::cache::ClassRule>,
 }
 
 impl Default for CacheConfig {
@@ -119,6 +121,7 @@ impl Default for CacheConfig {
             dir: PathBuf::from("/var/lib/branchtftp"),
             max_size: 20 * 1024 * 1024 * 1024,
             overrides: PathBuf::from("/etc/branchtftp/overrides"),
+            classes: Vec::new(),
         }
     }
 }
@@ -234,10 +237,7 @@ impl AccessConfig {
     /// Whether a client address may be served; IPv4-mapped IPv6 addresses are checked as IPv4.
     pub fn allows(&self, ip: std::net::IpAddr) -> bool {
         let ip = match ip {
-            std::net::IpAddr::V6(v6) => v6
-                .to_ipv4_mapped()
-                .map(std::net::IpAddr::V4)
-                .unwrap_or(ip),
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
             v4 => v4,
         };
         self.allow.iter().any(|net| net.contains(&ip))
@@ -339,7 +339,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "gib" => 1 << 30,
         "t" | "tb" => 1000u64.pow(4),
         "tib" => 1 << 40,
-        other => return Err(format!("unknown size unit `{other}` (use B, KB, KiB, MB, MiB, GB, GiB, TB, TiB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` (use B, KB, KiB, MB, MiB, GB, GiB, TB, TiB)"
+            ))
+        }
     };
     Ok((num * mult as f64) as u64)
 }
@@ -365,7 +369,11 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
         "kB" | "KB" => 8e3,
         "MB" => 8e6,
         "GB" => 8e9,
-        other => return Err(format!("unknown rate unit `{other}` (use kbit/s, Mbit/s, Gbit/s, KB/s, MB/s)")),
+        other => {
+            return Err(format!(
+                "unknown rate unit `{other}` (use kbit/s, Mbit/s, Gbit/s, KB/s, MB/s)"
+            ))
+        }
     };
     Ok((num * mult) as u64)
 }

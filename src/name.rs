@@ -93,7 +93,13 @@ mod tests {
 
     #[test]
     fn escapes_are_refused() {
-        for bad in ["../../etc/passwd", "a/../../b", "..", "C:\\boot.ini", "c:foo"] {
+        for bad in [
+            "../../etc/passwd",
+            "a/../../b",
+            "..",
+            "C:\\boot.ini",
+            "c:foo",
+        ] {
             assert_eq!(FileName::parse(bad), Err(NameError::Escape), "{bad}");
         }
         assert_eq!(FileName::parse("a\0b"), Err(NameError::BadChar));
