@@ -1,0 +1,182 @@
+//! Real TFTP servers (tftpd-hpa, atftpd) and `branchtftp serve`, as child processes on free
+//! loopback ports, killed on drop.
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{free_udp_port, make_world_readable, skip_or_fail};
+
+/// How long a server gets to start answering (generous: the machines are shared and slow).
+pub const SERVER_START_LIMIT: Duration = Duration::from_secs(15);
+
+/// Sends a RRQ for a file that does not exist and waits for any reply (normally ERROR 1).
+/// True once the server answers; false after `limit`.
+pub fn wait_tftp_ready(addr: SocketAddr, limit: Duration) -> bool {
+    let bind: SocketAddr = match addr.ip() {
+        IpAddr::V4(_) => (Ipv4Addr::LOCALHOST, 0).into(),
+        IpAddr::V6(_) => (Ipv6Addr::LOCALHOST, 0).into(),
+    };
+    let sock = UdpSocket::bind(bind).expect("bind probe socket");
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut rrq = vec![0u8, 1];
+    rrq.extend_from_slice(b"branchtftp-probe-no-such-file\0octet\0");
+    let deadline = Instant::now() + limit;
+    let mut buf = [0u8; 1024];
+    while Instant::now() < deadline {
+        let _ = sock.send_to(&rrq, addr);
+        let wait_until = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < wait_until {
+            if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                if n >= 2 {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+/// A child server process, killed and reaped on drop.
+struct ServerProcess {
+    child: Child,
+    log: PathBuf,
+    what: String,
+}
+
+impl ServerProcess {
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_file(&self.log);
+    }
+}
+
+fn log_file(tag: &str) -> (PathBuf, fs::File) {
+    let f = tempfile::Builder::new()
+        .prefix(&format!("branchtftp-{tag}-"))
+        .suffix(".log")
+        .tempfile()
+        .expect("create a log file");
+    let (file, path) = f.keep().expect("keep log file");
+    (path, file)
+}
+
+/// Starts `make(port)` on fresh ports until a server answers a probe at `ip:port`.
+fn start_tftp_server(
+    tag: &str,
+    ip: IpAddr,
+    mut make: impl FnMut(u16) -> Command,
+) -> (SocketAddr, ServerProcess) {
+    let mut last_log = String::new();
+    for _attempt in 0..3 {
+        let port = free_udp_port();
+        let addr = SocketAddr::new(ip, port);
+        let (log, file) = log_file(tag);
+        let mut cmd = make(port);
+        let what = format!("{cmd:?}");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}; tests/run.sh installs it"));
+        let mut proc = ServerProcess { child, log, what };
+        if wait_tftp_ready(addr, SERVER_START_LIMIT) {
+            return (addr, proc);
+        }
+        let exited = proc.exited();
+        last_log = format!("{} (exited: {exited}) log: {}", proc.what, proc.log_text());
+    }
+    panic!("{tag} did not answer on a loopback port: {last_log}");
+}
+
+/// tftpd-hpa 5.2 (`in.tftpd -L`) serving `root` read-only on a free loopback port.
+pub struct TftpdHpa {
+    pub addr: SocketAddr,
+    process: ServerProcess,
+}
+
+impl TftpdHpa {
+    /// On 127.0.0.1. Makes `root` world-readable first (the server runs as `nobody`).
+    pub fn start(root: &Path) -> Self {
+        Self::start_on(root, IpAddr::V4(Ipv4Addr::LOCALHOST))
+    }
+
+    /// On a given loopback address, e.g. `::1`.
+    pub fn start_on(root: &Path, ip: IpAddr) -> Self {
+        make_world_readable(root);
+        let bin = std::env::var("TFTPD_HPA").unwrap_or_else(|_| "in.tftpd".into());
+        let root = root.to_path_buf();
+        let (addr, process) = start_tftp_server("tftpd-hpa", ip, |port| {
+            let mut c = Command::new(&bin);
+            c.arg("-L")
+                .arg("-a")
+                .arg(SocketAddr::new(ip, port).to_string())
+                .arg("-s")
+                .arg(&root)
+                .args(["-u", "nobody"]);
+            c
+        });
+        TftpdHpa { addr, process }
+    }
+
+    /// The server's log so far (for assertion messages).
+    pub fn log(&self) -> String {
+        self.process.log_text()
+    }
+}
+
+/// atftpd 0.8 (unpacked by tests/run.sh, path in `$ATFTPD`): the packaged server that speaks
+/// windowsize.
+pub struct Atftpd {
+    pub addr: SocketAddr,
+    process: ServerProcess,
+}
+
+impl Atftpd {
+    /// `None` (with a SKIPPED message) when `$ATFTPD` is unset or missing; panics instead when
+    /// `BRANCHTFTP_REQUIRE_PEERS` is set.
+    pub fn start(root: &Path) -> Option<Self> {
+        Self::start_on(root, IpAddr::V4(Ipv4Addr::LOCALHOST))
+    }
+
+    pub fn start_on(root: &Path, ip: IpAddr) -> Option<Self> {
+        let bin = match std::env::var_os("ATFTPD") {
+            Some(p) if Path::new(&p).is_file() => PathBuf::from(p),
+            _ => {
+                skip_or_fail("atftpd not available ($ATFTPD unset or not a file)");
+                return None;
+            }
+        };
+        make_world_readable(root);
+        let root = root.to_path_buf();
+        let (addr, process) = start_tftp_server("atftpd", ip, |port| {
+            let mut c = Command::new(&bin);
+            c.args(["--daemon", "--no-fork", "--logfile", "-"])
+                .args(["--port", &port.to_string()])
+                .args(["--bind-address", &ip.to_string()])
+                .args(["--user", "nobody", "--group", "nogroup"])
+                .arg(&root);
+            c
+        });
+        Some(Atftpd { addr, process })
+    }
+
+    pub fn log(&self) -> String {
+        self.process.log_text()
+    }
+}
