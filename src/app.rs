@@ -1,14 +1,19 @@
 //! Wiring and lifecycle of the appliance: binds the front ends, runs until SIGTERM/SIGINT, then
 //! lets transfers in flight finish (bounded) and exits.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::watch;
 
 use anyhow::Context;
 use tracing::info;
 
+use crate::admin::AdminState;
 use crate::cache::{Cache, ClassRules};
 use crate::config::Config;
+use crate::front::http::HttpFront;
 use crate::front::{Gate, Resolver, TftpFront};
 use crate::overrides::Overrides;
 use crate::tftp::server::{Server, ServerConfig};
@@ -86,11 +91,83 @@ pub async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<()> {
     if let Some(o) = &overrides {
         info!("serving overrides from {}", o.root().display());
     }
-    let resolver = Arc::new(Resolver { overrides, fetcher });
+    let resolver = Arc::new(Resolver {
+        overrides,
+        fetcher: fetcher.clone(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut servers = tokio::task::JoinSet::new();
+    if mode == Mode::Appliance {
+        let http = crate::front::http::router(HttpFront {
+            gate: gate.clone(),
+            resolver: resolver.clone(),
+        });
+        for addr in &cfg.http.listen {
+            let listener = bind_tcp(*addr).with_context(|| format!("HTTP listen {addr}"))?;
+            info!("HTTP listening on {}", listener.local_addr()?);
+            servers.spawn(serve_http(listener, http.clone(), stop_rx.clone()));
+        }
+        if let Some(addr) = cfg.admin.listen {
+            let admin = crate::admin::router(AdminState {
+                started: std::time::Instant::now(),
+                gate: gate.clone(),
+                fetcher: fetcher.clone(),
+                sync: None,
+            });
+            let listener = bind_tcp(addr).with_context(|| format!("admin listen {addr}"))?;
+            info!("admin endpoint on http://{}", listener.local_addr()?);
+            servers.spawn(serve_http(listener, admin, stop_rx.clone()));
+        }
+    }
     let front = Arc::new(TftpFront { gate, resolver });
+    let tftp = tokio::spawn(server.run(front, stopped(stop_rx.clone())));
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    server.run(front, shutdown_signal()).await?;
+    shutdown_signal().await;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    let _ = stop_tx.send(true);
+    tftp.await??;
+    // HTTP bodies in flight get the same bounded wait as TFTP transfers.
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
     info!("stopped");
     Ok(())
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    stop: watch::Receiver<bool>,
+) {
+    let svc = app.into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(e) = axum::serve(listener, svc)
+        .with_graceful_shutdown(stopped(stop))
+        .await
+    {
+        tracing::error!("HTTP server failed: {e}");
+    }
+}
+
+/// Binds a TCP listener; IPv6 listeners are v6-only so `0.0.0.0:6970` and `[::]:6970` coexist.
+pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let sock = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    tokio::net::TcpListener::from_std(sock.into())
 }

@@ -18,6 +18,7 @@
 //! | [`config`] | the YAML configuration: schema, defaults, validation with positions, `check-config` |
 //! | [`manpage`] | the `branchtftp(1)` man page, generated from the CLI definition |
 
+pub mod admin;
 pub mod app;
 pub mod cache;
 pub mod config;
@@ -25,6 +26,7 @@ pub mod front;
 pub mod get;
 pub mod logging;
 pub mod manpage;
+pub mod metrics;
 pub mod name;
 pub mod overrides;
 pub mod tftp;

@@ -56,6 +56,19 @@ enum Command {
     /// Print the man page (roff) on stdout; used by packaging.
     #[command(hide = true)]
     Man,
+    /// Show a running appliance's state (asks its admin endpoint).
+    ///
+    /// Exit 0 healthy, 1 unreachable or unhealthy, 3 running but no upstream reachable.
+    Status {
+        /// Admin endpoint (default: admin.listen of the config, else 127.0.0.1:9069).
+        #[arg(long, value_name = "URL")]
+        admin: Option<String>,
+        /// Print the raw JSON of /status.
+        #[arg(long)]
+        json: bool,
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
     /// Inspect and manage the cache: ls, verify, import DIR, evict NAME.
     Cache(branchtftp::cache::cli::CacheArgs),
     /// Download one file: tftp://HOST[:PORT]/NAME or http://HOST:PORT/NAME.
@@ -90,8 +103,38 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => {
             return ExitCode::from(branchtftp::config::check_config(config.as_deref()) as u8)
         }
+        Command::Status {
+            admin,
+            json,
+            config,
+        } => {
+            let admin = match admin {
+                Some(a) => a,
+                None => match load_config(config.as_deref()) {
+                    Ok(cfg) => cfg
+                        .admin
+                        .listen
+                        .map(|a| a.to_string())
+                        .unwrap_or_else(|| "127.0.0.1:9069".to_string()),
+                    Err(e) => {
+                        eprintln!("branchtftp: {e:#}");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            return match runtime() {
+                Ok(rt) => ExitCode::from(
+                    rt.block_on(branchtftp::admin::status_command(&admin, json)) as u8,
+                ),
+                Err(e) => {
+                    eprintln!("branchtftp: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Man => {
-            return match branchtftp::manpage::render(&Cli::command(), &mut std::io::stdout().lock()) {
+            return match branchtftp::manpage::render(&Cli::command(), &mut std::io::stdout().lock())
+            {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("branchtftp man: {e}");

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+pub mod http;
+
 use futures::future::BoxFuture;
 use tracing::info;
 
@@ -41,10 +43,12 @@ pub enum Refusal {
 pub struct Slot {
     gate: Arc<Gate>,
     ip: IpAddr,
+    protocol: &'static str,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        crate::metrics::global().active(self.protocol).dec();
         let mut a = self.gate.active.lock().unwrap();
         a.total -= 1;
         if let Some(n) = a.per_client.get_mut(&self.ip) {
@@ -73,7 +77,8 @@ impl Gate {
         self.active.lock().unwrap().total
     }
 
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refusal> {
+    /// Admits one transfer of `protocol` (`tftp` or `http`) from `ip`, or says why not.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, protocol: &'static str) -> Result<Slot, Refusal> {
         let (max_total, max_client) = {
             let access = self.access.lock().unwrap();
             if !access.allows(ip) {
@@ -88,9 +93,11 @@ impl Gate {
         }
         a.total += 1;
         *a.per_client.entry(ip).or_insert(0) += 1;
+        crate::metrics::global().active(protocol).inc();
         Ok(Slot {
             gate: self.clone(),
             ip,
+            protocol,
         })
     }
 }
@@ -180,13 +187,16 @@ impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Guarded<R> {
 impl Source for TftpFront {
     fn open(&self, req: ReadRequest) -> BoxFuture<'_, Result<Content, OpenError>> {
         Box::pin(async move {
-            let slot = match self.gate.admit(req.client.ip()) {
+            let metrics = crate::metrics::global();
+            let slot = match self.gate.admit(req.client.ip(), "tftp") {
                 Ok(s) => s,
                 Err(Refusal::Denied) => {
+                    metrics.request("tftp", "denied");
                     info!(client = %req.client, name = %req.name, "refused: client outside access.allow");
                     return Err(OpenError::Denied("access denied".into()));
                 }
                 Err(Refusal::Busy) => {
+                    metrics.request("tftp", "error");
                     info!(client = %req.client, name = %req.name, "refused: server busy");
                     return Err(OpenError::Busy);
                 }
@@ -200,16 +210,35 @@ impl Source for TftpFront {
                     }),
                     origin: found.origin,
                 }),
-                Err(Lookup::NotFound) => Err(OpenError::NotFound),
+                Err(Lookup::NotFound) => {
+                    metrics.request("tftp", "not_found");
+                    Err(OpenError::NotFound)
+                }
                 Err(Lookup::Unreachable(_)) => {
+                    metrics.request("tftp", "error");
                     Err(OpenError::Unavailable("upstream unreachable".into()))
                 }
-                Err(Lookup::Failed(why)) => Err(OpenError::Unavailable(why)),
+                Err(Lookup::Failed(why)) => {
+                    metrics.request("tftp", "error");
+                    Err(OpenError::Unavailable(why))
+                }
             }
         })
     }
 
     fn finished(&self, r: &TransferReport) {
+        let metrics = crate::metrics::global();
+        if let Some(origin) = &r.origin {
+            metrics.sent("tftp", r.bytes);
+            metrics.request(
+                "tftp",
+                if r.outcome.is_ok() {
+                    origin.result()
+                } else {
+                    "error"
+                },
+            );
+        }
         let (result, source) = match &r.origin {
             Some(o) => (o.result(), o.source().to_string()),
             None => ("none", String::from("-")),

@@ -177,6 +177,7 @@ impl Fetcher {
                     let f = Arc::new(Flight { state: tx });
                     flights.insert(key.clone(), f.clone());
                     self.stats.lock().unwrap().flights += 1;
+                    crate::metrics::global().upstream_fetches.inc();
                     tokio::spawn(self.clone().fly(name.clone(), f.clone()));
                     f
                 }

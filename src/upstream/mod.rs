@@ -217,6 +217,15 @@ impl Upstream {
             Protocol::Http { base } => http::fetch(&self.http, base, name, known).await,
             Protocol::Tftp { addr } => tftp::fetch(*addr, name, self.timeout).await,
         };
+        let metrics = crate::metrics::global();
+        let label = match &result {
+            Ok(Answer::Found(_)) => "found",
+            Ok(Answer::NotModified) => "not_modified",
+            Ok(Answer::NotFound) => "not_found",
+            Err(FetchError::Unreachable(_)) => "unreachable",
+            Err(_) => "error",
+        };
+        metrics.upstream_request(&self.url, label);
         match &result {
             Ok(_) => self.mark_ok(),
             Err(FetchError::Unreachable(why)) => self.mark_failed(why),
@@ -225,7 +234,22 @@ impl Upstream {
                 self.mark_ok()
             }
         }
-        result
+        match result {
+            Ok(Answer::Found(mut body)) => {
+                use futures::StreamExt;
+                let url = self.url.clone();
+                body.stream = body
+                    .stream
+                    .inspect(move |r| {
+                        if let Ok(b) = r {
+                            metrics.upstream_received(&url, b.len() as u64);
+                        }
+                    })
+                    .boxed();
+                Ok(Answer::Found(body))
+            }
+            other => other,
+        }
     }
 
     /// Fetches a small file whole (the sync worker's lists and configs).
@@ -283,6 +307,7 @@ impl UpstreamChain {
         let mut unreachable: Vec<String> = Vec::new();
         for up in &self.upstreams {
             if up.is_down() {
+                crate::metrics::global().upstream_request(&up.url, "skipped");
                 unreachable.push(format!("{} (down)", up.url));
                 continue;
             }

@@ -1,0 +1,287 @@
+//! The admin endpoint (default 127.0.0.1:9069): `/healthz`, `/status` (JSON), `/metrics`
+//! (Prometheus text), `POST /sync`. Also the `branchtftp status` client that reads it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+
+use crate::front::Gate;
+use crate::upstream::flight::Fetcher;
+use crate::upstream::UpstreamState;
+
+/// What the sync worker exposes to the admin endpoint.
+pub trait SyncControl: Send + Sync {
+    fn status(&self) -> SyncStatus;
+    /// Starts a pass now (POST /sync).
+    fn trigger(&self);
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SyncStatus {
+    /// Unix seconds.
+    pub last_pass: Option<u64>,
+    pub next_pass: Option<u64>,
+    pub last_result: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CacheStatus {
+    pub files: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpstreamStatusJson {
+    pub url: String,
+    pub state: String,
+    pub last_ok: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Transfers {
+    pub active: u64,
+}
+
+/// The `/status` document (interface.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub uptime_s: u64,
+    pub cache: CacheStatus,
+    pub upstreams: Vec<UpstreamStatusJson>,
+    pub sync: SyncStatus,
+    pub transfers: Transfers,
+}
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub started: Instant,
+    pub gate: Arc<Gate>,
+    pub fetcher: Option<Arc<Fetcher>>,
+    pub sync: Option<Arc<dyn SyncControl>>,
+}
+
+impl AdminState {
+    pub fn status(&self) -> Status {
+        let (cache, upstreams) = match &self.fetcher {
+            Some(f) => {
+                let (files, bytes) = f.cache().totals();
+                let ups = f
+                    .chain()
+                    .upstreams()
+                    .iter()
+                    .map(|u| {
+                        let s = u.status();
+                        UpstreamStatusJson {
+                            url: s.url,
+                            state: match s.state {
+                                UpstreamState::Up => "up",
+                                UpstreamState::Down => "down",
+                                UpstreamState::Unknown => "unknown",
+                            }
+                            .to_string(),
+                            last_ok: s.last_ok,
+                            last_error: s.last_error,
+                        }
+                    })
+                    .collect();
+                (
+                    CacheStatus {
+                        files,
+                        bytes,
+                        max_bytes: f.cache().max_bytes(),
+                    },
+                    ups,
+                )
+            }
+            None => (
+                CacheStatus {
+                    files: 0,
+                    bytes: 0,
+                    max_bytes: 0,
+                },
+                Vec::new(),
+            ),
+        };
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_s: self.started.elapsed().as_secs(),
+            cache,
+            upstreams,
+            sync: self.sync.as_ref().map(|s| s.status()).unwrap_or_default(),
+            transfers: Transfers {
+                active: self.gate.active() as u64,
+            },
+        }
+    }
+}
+
+pub fn router(state: AdminState) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/sync", post(sync))
+        .with_state(state)
+}
+
+async fn status(State(st): State<AdminState>) -> Response {
+    axum::Json(st.status()).into_response()
+}
+
+async fn metrics(State(st): State<AdminState>) -> Response {
+    let m = crate::metrics::global();
+    if let Some(f) = &st.fetcher {
+        let (files, bytes) = f.cache().totals();
+        m.cache_files.set(files as i64);
+        m.cache_bytes.set(bytes as i64);
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.render(),
+    )
+        .into_response()
+}
+
+async fn sync(State(st): State<AdminState>) -> Response {
+    match &st.sync {
+        Some(s) => {
+            s.trigger();
+            (StatusCode::ACCEPTED, "sync pass started\n").into_response()
+        }
+        None => (
+            StatusCode::CONFLICT,
+            "no sync worker runs in this mode (serve --root without a cache)\n",
+        )
+            .into_response(),
+    }
+}
+
+/// `branchtftp status`: prints the appliance's state; exit 0 healthy, 1 unreachable, 3 when
+/// it runs but no upstream is reachable (phones are served from the cache only).
+pub async fn status_command(admin: &str, json: bool) -> i32 {
+    let base = admin.trim_end_matches('/');
+    let base = if base.starts_with("http://") {
+        base.to_string()
+    } else {
+        format!("http://{base}")
+    };
+    let client = match reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .no_proxy()
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("branchtftp status: {e}");
+            return 1;
+        }
+    };
+    let healthy = matches!(
+        client.get(format!("{base}/healthz")).send().await,
+        Ok(r) if r.status().is_success()
+    );
+    let st: Status = match client.get(format!("{base}/status")).send().await {
+        Ok(r) if r.status().is_success() => match r
+            .bytes()
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("branchtftp status: {base}/status: bad answer: {e}");
+                return 1;
+            }
+        },
+        Ok(r) => {
+            eprintln!("branchtftp status: {base}/status: HTTP {}", r.status());
+            return 1;
+        }
+        Err(e) => {
+            eprintln!(
+                "branchtftp status: cannot reach the appliance at {base} ({e}); is `branchtftp serve` running? (admin.listen)"
+            );
+            return 1;
+        }
+    };
+    if !healthy {
+        eprintln!("branchtftp status: {base}/healthz is not ok");
+        return 1;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st).unwrap());
+    } else {
+        print!("{}", render_status(&st));
+    }
+    let none_up = !st.upstreams.is_empty() && st.upstreams.iter().all(|u| u.state == "down");
+    if none_up {
+        3
+    } else {
+        0
+    }
+}
+
+fn ago(now: u64, t: Option<u64>) -> String {
+    match t {
+        Some(t) if now >= t => format!("{} ago", crate::cache::cli::human_age((now - t) * 1000)),
+        Some(t) => format!("in {}", crate::cache::cli::human_age((t - now) * 1000)),
+        None => "never".to_string(),
+    }
+}
+
+pub fn render_status(st: &Status) -> String {
+    use std::fmt::Write;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "branchtftp {} up {}",
+        st.version,
+        crate::cache::cli::human_age(st.uptime_s * 1000)
+    );
+    let _ = writeln!(
+        o,
+        "cache      {} files, {} of {}",
+        st.cache.files,
+        crate::cache::cli::human_size(st.cache.bytes),
+        crate::cache::cli::human_size(st.cache.max_bytes)
+    );
+    let _ = writeln!(o, "transfers  {} active", st.transfers.active);
+    let _ = writeln!(
+        o,
+        "sync       last {} ({}), next {}",
+        ago(now, st.sync.last_pass),
+        st.sync.last_result.as_deref().unwrap_or("-"),
+        ago(now, st.sync.next_pass)
+    );
+    let _ = writeln!(
+        o,
+        "\n{:<40} {:<8} {:<14} LAST ERROR",
+        "UPSTREAM", "STATE", "LAST OK"
+    );
+    for u in &st.upstreams {
+        let _ = writeln!(
+            o,
+            "{:<40} {:<8} {:<14} {}",
+            u.url,
+            u.state,
+            ago(now, u.last_ok),
+            u.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    o
+}

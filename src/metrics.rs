@@ -1,0 +1,190 @@
+//! Prometheus metrics (interface.md lists the families and labels). One registry per process:
+//! every front end, the upstream chain and the sync worker count into [`global()`], and the
+//! admin endpoint renders it.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::OnceLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub protocol: &'static str,
+    /// hit, miss, not_found, denied, error
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamResultLabels {
+    pub upstream: String,
+    /// found, not_modified, not_found, unreachable, error, skipped
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+pub type ActiveGauge = Gauge<i64, std::sync::atomic::AtomicI64>;
+
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub sent_bytes: Family<ProtocolLabels, Counter>,
+    pub upstream_requests: Family<UpstreamResultLabels, Counter>,
+    pub upstream_bytes: Family<UpstreamLabels, Counter>,
+    pub cache_files: Gauge,
+    pub cache_bytes: Gauge,
+    pub transfers_active: Family<ProtocolLabels, ActiveGauge>,
+    pub sync_passes: Family<ResultLabels, Counter>,
+    pub upstream_fetches: Counter<u64, AtomicU64>,
+    active_tftp: ActiveGauge,
+    active_http: ActiveGauge,
+    registry: Registry,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("branchtftp");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by protocol and result (hit, miss, not_found, denied, error)",
+            requests.clone(),
+        );
+        let sent_bytes = Family::<ProtocolLabels, Counter>::default();
+        registry.register(
+            "sent_bytes",
+            "Payload bytes sent to clients",
+            sent_bytes.clone(),
+        );
+        let upstream_requests = Family::<UpstreamResultLabels, Counter>::default();
+        registry.register(
+            "upstream_requests",
+            "Requests to upstream servers by result",
+            upstream_requests.clone(),
+        );
+        let upstream_bytes = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_bytes",
+            "Body bytes received from upstream servers",
+            upstream_bytes.clone(),
+        );
+        let cache_files = Gauge::default();
+        registry.register("cache_files", "Files in the cache", cache_files.clone());
+        let cache_bytes = Gauge::default();
+        registry.register("cache_bytes", "Bytes in the cache", cache_bytes.clone());
+        let transfers_active = Family::<ProtocolLabels, ActiveGauge>::default();
+        registry.register(
+            "transfers_active",
+            "Transfers in progress",
+            Family::clone(&transfers_active),
+        );
+        let sync_passes = Family::<ResultLabels, Counter>::default();
+        registry.register("sync_passes", "Sync passes by result", sync_passes.clone());
+        let upstream_fetches = Counter::default();
+        registry.register(
+            "upstream_flights",
+            "Shared upstream fetches started by misses (one per name however many clients wait)",
+            upstream_fetches.clone(),
+        );
+        // Families appear in the exposition once they have a sample; give the fixed ones zero.
+        for p in ["tftp", "http"] {
+            let _ = transfers_active.get_or_create(&ProtocolLabels { protocol: p });
+            let _ = sent_bytes.get_or_create(&ProtocolLabels { protocol: p });
+        }
+        let active_tftp = transfers_active
+            .get_or_create(&ProtocolLabels { protocol: "tftp" })
+            .clone();
+        let active_http = transfers_active
+            .get_or_create(&ProtocolLabels { protocol: "http" })
+            .clone();
+        Metrics {
+            active_tftp,
+            active_http,
+            requests,
+            sent_bytes,
+            upstream_requests,
+            upstream_bytes,
+            cache_files,
+            cache_bytes,
+            transfers_active,
+            sync_passes,
+            upstream_fetches,
+            registry,
+        }
+    }
+
+    pub fn request(&self, protocol: &'static str, result: &'static str) {
+        self.requests
+            .get_or_create(&RequestLabels { protocol, result })
+            .inc();
+    }
+
+    pub fn sent(&self, protocol: &'static str, bytes: u64) {
+        self.sent_bytes
+            .get_or_create(&ProtocolLabels { protocol })
+            .inc_by(bytes);
+    }
+
+    pub fn upstream_request(&self, upstream: &str, result: &'static str) {
+        self.upstream_requests
+            .get_or_create(&UpstreamResultLabels {
+                upstream: upstream.to_string(),
+                result,
+            })
+            .inc();
+    }
+
+    pub fn upstream_received(&self, upstream: &str, bytes: u64) {
+        self.upstream_bytes
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .inc_by(bytes);
+    }
+
+    pub fn sync_pass(&self, result: &str) {
+        self.sync_passes
+            .get_or_create(&ResultLabels {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// The `transfers_active` gauge of a protocol (`tftp` or `http`).
+    pub fn active(&self, protocol: &'static str) -> &ActiveGauge {
+        match protocol {
+            "http" => &self.active_http,
+            _ => &self.active_tftp,
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+
+pub fn global() -> &'static Metrics {
+    METRICS.get_or_init(Metrics::new)
+}
