@@ -118,6 +118,8 @@ pub struct CacheConfig {
     #[serde(with = "size_serde")]
     pub max_size: u64,
     pub overrides: PathBuf,
+    /// Rules that class files before the built-in ones (first match wins).
+    pub classes: Vec<crate::cache::ClassRule>,
 }
 
 impl Default for CacheConfig {
@@ -126,6 +128,7 @@ impl Default for CacheConfig {
             dir: PathBuf::from("/var/lib/branchtftp"),
             max_size: 20 * 1024 * 1024 * 1024,
             overrides: PathBuf::from("/etc/branchtftp/overrides"),
+            classes: Vec::new(),
         }
     }
 }

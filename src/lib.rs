@@ -14,10 +14,18 @@
 //! | [`tftp::server`] | tokio driver: listeners, one task and one ephemeral socket per transfer, serving a [`tftp::Source`] |
 //! | [`tftp::client`] | tokio driver for downloads, yielding bytes as they arrive |
 //! | [`name`] | phone file names: normalization, case folding, rejection of escapes |
+//! | [`cache`] | the local store: sled index + plain files, atomic publish, recovery, quota, verify, import |
 //! | [`config`] | the YAML configuration: schema, defaults, validation with positions, `check-config` |
 //! | [`manpage`] | the `branchtftp(1)` man page, generated from the CLI definition |
 
+pub mod app;
+pub mod cache;
 pub mod config;
+pub mod front;
+pub mod get;
+pub mod logging;
 pub mod manpage;
 pub mod name;
+pub mod overrides;
 pub mod tftp;
+pub mod upstream;

@@ -2,15 +2,26 @@
 //! task and its own ephemeral socket (a new TID, RFC 1350 §4), and drives a
 //! [`transfer::Sender`](super::transfer::Sender) with the bytes a [`Source`] hands it.
 
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use thiserror::Error;
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
 
-use crate::name::FileName;
+use super::netascii;
+use super::packet::{ErrorCode, Options, Packet, BLKSIZE_MIN, DEFAULT_BLKSIZE};
+use super::transfer::{Params, Sender, Status};
+use crate::name::{FileName, NameError};
 
 /// Transfer mode requested by the client (RFC 1350 §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,4 +75,552 @@ pub trait Source: Send + Sync + 'static {
 
     /// Called once per finished (or failed) transfer.
     fn finished(&self, _report: &TransferReport) {}
+}
+
+/// Limits and defaults of the server (the `tftp:` section of the config).
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+    pub max_blksize: u16,
+    pub max_windowsize: u16,
+    pub timeout: Duration,
+    pub retries: u32,
+    /// How long shutdown waits for transfers in flight.
+    pub drain: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: vec!["127.0.0.1:6969".parse().unwrap()],
+            max_blksize: 1468,
+            max_windowsize: 64,
+            timeout: Duration::from_secs(1),
+            retries: 6,
+            drain: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A bound server: sockets are open (ports known) before [`Server::run`] starts serving.
+pub struct Server {
+    cfg: ServerConfig,
+    sockets: Vec<Arc<UdpSocket>>,
+}
+
+/// Size of socket buffers for listeners and transfers: a full window of large blocks must fit
+/// or the kernel drops packets and recovery costs a timeout (peers.md).
+const MIN_SOCKET_BUFFER: usize = 1 << 20;
+
+/// Binds a UDP socket; IPv6 sockets are v6-only so `0.0.0.0:69` and `[::]:69` coexist.
+pub fn bind_udp(addr: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let sock = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    let _ = sock.set_recv_buffer_size(buffer);
+    let _ = sock.set_send_buffer_size(buffer);
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    UdpSocket::from_std(sock.into())
+}
+
+impl Server {
+    pub fn bind(cfg: ServerConfig) -> io::Result<Server> {
+        let mut sockets = Vec::new();
+        for addr in &cfg.listen {
+            let sock = bind_udp(*addr, MIN_SOCKET_BUFFER)
+                .map_err(|e| io::Error::new(e.kind(), format!("TFTP listen {addr}: {e}")))?;
+            sockets.push(Arc::new(sock));
+        }
+        Ok(Server { cfg, sockets })
+    }
+
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.sockets
+            .iter()
+            .filter_map(|s| s.local_addr().ok())
+            .collect()
+    }
+
+    /// Serves until `shutdown` resolves, then waits up to `drain` for transfers in flight.
+    pub async fn run<S: Source>(
+        self,
+        source: Arc<S>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> io::Result<()> {
+        let cfg = Arc::new(self.cfg);
+        let (req_tx, mut req_rx) = mpsc::channel::<(Arc<UdpSocket>, SocketAddr, Bytes)>(1024);
+        let mut listeners = JoinSet::new();
+        for sock in &self.sockets {
+            let sock = sock.clone();
+            let tx = req_tx.clone();
+            listeners.spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    match sock.recv_from(&mut buf).await {
+                        Ok((n, peer)) => {
+                            let data = Bytes::copy_from_slice(&buf[..n]);
+                            if tx.send((sock.clone(), peer, data)).await.is_err() {
+                                return;
+                            }
+                        }
+                        // ICMP errors surface here on some systems; keep listening.
+                        Err(e) => debug!("TFTP listener recv error: {e}"),
+                    }
+                }
+            });
+        }
+        drop(req_tx);
+        let mut transfers = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some((sock, peer, data)) = req_rx.recv() => {
+                    let cfg = cfg.clone();
+                    let source = source.clone();
+                    transfers.spawn(async move {
+                        handle_request(&cfg, &*source, sock, peer, &data).await;
+                    });
+                }
+                Some(_) = transfers.join_next(), if !transfers.is_empty() => {}
+            }
+        }
+        // Stop answering new requests at once: the ports are free for a restarted server
+        // while the transfers in flight finish on their own sockets.
+        listeners.abort_all();
+        while listeners.join_next().await.is_some() {}
+        drop(self.sockets);
+        drop(req_rx);
+        if !transfers.is_empty() {
+            info!(
+                "shutting down: waiting up to {:?} for {} TFTP transfer(s)",
+                cfg.drain,
+                transfers.len()
+            );
+            let drained = tokio::time::timeout(cfg.drain, async {
+                while transfers.join_next().await.is_some() {}
+            })
+            .await;
+            if drained.is_err() {
+                warn!("{} TFTP transfer(s) cut short by shutdown", transfers.len());
+                transfers.abort_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+fn error_bytes(code: ErrorCode, msg: &str) -> Bytes {
+    Packet::error(code, msg).encode()
+}
+
+async fn handle_request<S: Source + ?Sized>(
+    cfg: &ServerConfig,
+    source: &S,
+    listener: Arc<UdpSocket>,
+    peer: SocketAddr,
+    data: &[u8],
+) {
+    let pkt = match Packet::decode(data) {
+        Ok(p) => p,
+        Err(e) => {
+            info!(client = %peer, "bad TFTP request: {e}");
+            let _ = listener
+                .send_to(&error_bytes(e.error_code(), &e.to_string()), peer)
+                .await;
+            return;
+        }
+    };
+    let (filename, mode, options) = match pkt {
+        Packet::Rrq {
+            filename,
+            mode,
+            options,
+        } => (filename, mode, options),
+        Packet::Wrq { filename, .. } => {
+            info!(client = %peer, name = %filename, "write request refused: read-only server");
+            let _ = listener
+                .send_to(
+                    &error_bytes(ErrorCode::AccessViolation, "read-only server"),
+                    peer,
+                )
+                .await;
+            return;
+        }
+        other => {
+            // A stray DATA/ACK/ERROR on the well-known port belongs to no transfer.
+            debug!(client = %peer, "unexpected {other:?} on the request port");
+            if !matches!(other, Packet::Error { .. }) {
+                let _ = listener
+                    .send_to(
+                        &error_bytes(ErrorCode::UnknownTid, "unknown transfer ID"),
+                        peer,
+                    )
+                    .await;
+            }
+            return;
+        }
+    };
+    let mode = match mode.to_ascii_lowercase().as_str() {
+        "octet" => Mode::Octet,
+        "netascii" => Mode::Netascii,
+        other => {
+            let msg = format!("unsupported mode {other:?}");
+            info!(client = %peer, name = %filename, "{msg}");
+            let _ = listener
+                .send_to(&error_bytes(ErrorCode::IllegalOperation, &msg), peer)
+                .await;
+            return;
+        }
+    };
+    // The transfer gets its own socket: a new TID (RFC 1350 §4), on the listener's address.
+    let local = listener
+        .local_addr()
+        .map(|a| SocketAddr::new(a.ip(), 0))
+        .unwrap_or_else(|_| "0.0.0.0:0".parse().unwrap());
+    let blksize = options
+        .blksize
+        .unwrap_or(DEFAULT_BLKSIZE)
+        .min(cfg.max_blksize);
+    let window = options.windowsize.unwrap_or(1).min(cfg.max_windowsize);
+    let buffer = (blksize as usize + 4) * window as usize * 2;
+    let sock = match bind_udp(local, buffer.max(256 * 1024)) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(client = %peer, "cannot open a transfer socket: {e}");
+            let _ = listener
+                .send_to(&error_bytes(ErrorCode::NotDefined, "server busy"), peer)
+                .await;
+            return;
+        }
+    };
+    drop(listener);
+    let started = Instant::now();
+    let name = match FileName::parse(&filename) {
+        Ok(n) => n,
+        Err(e) => {
+            let code = match e {
+                NameError::Empty => ErrorCode::FileNotFound,
+                _ => ErrorCode::AccessViolation,
+            };
+            info!(client = %peer, name = %filename.escape_debug(), "refused: {e}");
+            let _ = sock.send_to(&error_bytes(code, &e.to_string()), peer).await;
+            return;
+        }
+    };
+    let req = ReadRequest {
+        name: name.clone(),
+        client: peer,
+        mode,
+    };
+    let content = match source.open(req).await {
+        Ok(c) => c,
+        Err(e) => {
+            let (code, msg) = match &e {
+                OpenError::NotFound => (ErrorCode::FileNotFound, "File not found".to_string()),
+                OpenError::Denied(why) => (ErrorCode::AccessViolation, why.clone()),
+                OpenError::Busy => (ErrorCode::NotDefined, "server busy".to_string()),
+                OpenError::Unavailable(why) => (ErrorCode::NotDefined, why.clone()),
+            };
+            debug!(client = %peer, name = %name, "answered ERROR {}: {msg}", code.as_u16());
+            let _ = sock.send_to(&error_bytes(code, &msg), peer).await;
+            source.finished(&TransferReport {
+                client: peer,
+                name: name.to_string(),
+                bytes: 0,
+                duration: started.elapsed(),
+                outcome: Err(e.to_string()),
+            });
+            return;
+        }
+    };
+    let (params, oack) = negotiate(cfg, &options, mode, content.size);
+    let outcome = run_transfer(&sock, peer, params, oack, content, mode).await;
+    let (bytes, result) = outcome;
+    source.finished(&TransferReport {
+        client: peer,
+        name: name.to_string(),
+        bytes,
+        duration: started.elapsed(),
+        outcome: result,
+    });
+}
+
+/// Answers the client's options within our caps (RFC 2347-2349, 7440). Returns the transfer
+/// parameters and the OACK options, `None` when no option is acknowledged.
+pub fn negotiate(
+    cfg: &ServerConfig,
+    asked: &Options,
+    mode: Mode,
+    size: Option<u64>,
+) -> (Params, Option<Options>) {
+    let mut params = Params {
+        blksize: DEFAULT_BLKSIZE,
+        windowsize: 1,
+        timeout: cfg.timeout,
+        retries: cfg.retries,
+    };
+    let mut oack = Options::default();
+    if let Some(b) = asked.blksize {
+        let b = b.min(cfg.max_blksize).max(BLKSIZE_MIN);
+        params.blksize = b;
+        oack.blksize = Some(b);
+    }
+    if let Some(t) = asked.timeout {
+        params.timeout = Duration::from_secs(t as u64);
+        oack.timeout = Some(t);
+    }
+    // RFC 2349: tsize in a RRQ is 0 and asks for the size; only answer it when we know it.
+    // In netascii the size on the wire differs from the file's, so it is not offered.
+    // curl (7.88) rejects an OACK carrying `tsize 0`, so an empty file goes without it.
+    if asked.tsize.is_some() && mode == Mode::Octet {
+        if let Some(size) = size.filter(|&s| s > 0) {
+            oack.tsize = Some(size);
+        }
+    }
+    if let Some(w) = asked.windowsize {
+        let w = w.min(cfg.max_windowsize).max(1);
+        params.windowsize = w;
+        oack.windowsize = Some(w);
+    }
+    let oack = (!oack.is_empty()).then_some(oack);
+    (params, oack)
+}
+
+/// What the reader task hands the transfer: read-ahead chunks, then an explicit end (a closed
+/// channel without `End` means the reader died, which must never look like a complete file).
+enum Chunk {
+    Data(Bytes),
+    End,
+    Failed(io::Error),
+}
+
+/// Reads `Content` ahead of the sender in large chunks (translated to netascii when asked), so
+/// the transfer task is not woken per block.
+async fn read_ahead(mut content: Content, mode: Mode, tx: mpsc::Sender<Chunk>) {
+    let mut raw = vec![0u8; 64 * 1024];
+    let mut ascii = Vec::new();
+    loop {
+        let n = match content.reader.read(&mut raw).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                let _ = tx.send(Chunk::Failed(e)).await;
+                return;
+            }
+        };
+        let chunk = match mode {
+            Mode::Octet => Bytes::copy_from_slice(&raw[..n]),
+            Mode::Netascii => {
+                ascii.clear();
+                netascii::encode(&raw[..n], &mut ascii);
+                Bytes::copy_from_slice(&ascii)
+            }
+        };
+        if tx.send(Chunk::Data(chunk)).await.is_err() {
+            return;
+        }
+    }
+    let _ = tx.send(Chunk::End).await;
+}
+
+/// Cuts read-ahead chunks into blocks of exactly `blksize` bytes; the final block is shorter,
+/// and empty when the size is a multiple of blksize (RFC 1350 §6).
+struct Blocks {
+    rx: mpsc::Receiver<Chunk>,
+    pending: BytesMut,
+    blksize: usize,
+    ended: bool,
+    final_given: bool,
+}
+
+impl Blocks {
+    /// A block if one is ready without waiting; `Ok(None)` when more data must be awaited.
+    fn try_next(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            if let Some(b) = self.cut() {
+                return Ok(Some(b));
+            }
+            match self.rx.try_recv() {
+                Ok(c) => self.take(c)?,
+                Err(mpsc::error::TryRecvError::Empty) => return Ok(None),
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    self.take_closed()?;
+                }
+            }
+        }
+    }
+
+    /// Waits for the next block.
+    async fn next(&mut self) -> io::Result<Bytes> {
+        loop {
+            if let Some(b) = self.cut() {
+                return Ok(b);
+            }
+            match self.rx.recv().await {
+                Some(c) => self.take(c)?,
+                None => self.take_closed()?,
+            }
+        }
+    }
+
+    fn cut(&mut self) -> Option<Bytes> {
+        if self.pending.len() >= self.blksize {
+            return Some(self.pending.split_to(self.blksize).freeze());
+        }
+        if self.ended && !self.final_given {
+            self.final_given = true;
+            return Some(self.pending.split().freeze());
+        }
+        None
+    }
+
+    fn take(&mut self, c: Chunk) -> io::Result<()> {
+        match c {
+            Chunk::Data(d) => self.pending.extend_from_slice(&d),
+            Chunk::End => self.ended = true,
+            Chunk::Failed(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    fn take_closed(&mut self) -> io::Result<()> {
+        if self.ended {
+            // Only reached if asked again after the final block: nothing more to give.
+            return Err(io::Error::other("read past the end"));
+        }
+        Err(io::Error::other("content source ended unexpectedly"))
+    }
+}
+
+/// Drives one [`Sender`] over its socket. Returns the bytes acknowledged and the outcome.
+async fn run_transfer(
+    sock: &UdpSocket,
+    peer: SocketAddr,
+    params: Params,
+    oack: Option<Options>,
+    content: Content,
+    mode: Mode,
+) -> (u64, Result<(), String>) {
+    let (tx, rx) = mpsc::channel(4);
+    let reader = tokio::spawn(read_ahead(content, mode, tx));
+    let _abort_reader = AbortOnDrop(reader);
+    let mut blocks = Blocks {
+        rx,
+        pending: BytesMut::with_capacity(128 * 1024),
+        blksize: params.blksize as usize,
+        ended: false,
+        final_given: false,
+    };
+    let mut sender = Sender::new(params, oack, Instant::now());
+    let mut buf = vec![0u8; 65536];
+    // One timer, re-armed only when the deadline moves: creating a timer per packet costs more
+    // than the rest of the packet's handling.
+    let timer = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
+    let result = loop {
+        // Take every block already read, without waiting.
+        while sender.wants_data() {
+            match blocks.try_next() {
+                Ok(Some(block)) => sender.push_data(block, Instant::now()),
+                Ok(None) => break,
+                Err(e) => {
+                    break_with_source_error(sock, peer, &e).await;
+                    return (sender.bytes_acked(), Err(format!("source failed: {e}")));
+                }
+            }
+        }
+        while let Some(d) = sender.poll_transmit() {
+            if let Err(e) = sock.send_to(&d, peer).await {
+                debug!(client = %peer, "send failed: {e}");
+            }
+        }
+        match sender.status() {
+            Status::Active => {}
+            Status::Done => break Ok(()),
+            Status::PeerError {
+                quiet: true,
+                code,
+                message,
+            } => {
+                debug!(client = %peer, "client ended after OACK with ERROR {}: {message}", code.as_u16());
+                break Ok(());
+            }
+            Status::PeerError { code, message, .. } => {
+                break Err(format!("client sent ERROR {}: {message}", code.as_u16()))
+            }
+            Status::TimedOut => break Err("client stopped answering".to_string()),
+            Status::Protocol(m) => break Err(m.clone()),
+        }
+        let deadline = sender.poll_timeout();
+        if deadline != armed {
+            if let Some(d) = deadline {
+                timer.as_mut().reset(d.into());
+            }
+            armed = deadline;
+        }
+        let want = sender.wants_data();
+        tokio::select! {
+            biased;
+            r = sock.recv_from(&mut buf) => {
+                let (n, from) = match r {
+                    Ok(x) => x,
+                    Err(e) => { debug!(client = %peer, "recv: {e}"); continue; }
+                };
+                if from != peer {
+                    // RFC 1350 §4: a packet from another TID gets ERROR 5; the transfer goes on.
+                    let _ = sock.send_to(&error_bytes(ErrorCode::UnknownTid, "unknown transfer ID"), from).await;
+                    continue;
+                }
+                match Packet::decode(&buf[..n]) {
+                    Ok(p) => sender.handle(&p, Instant::now()),
+                    Err(e) => {
+                        let _ = sock.send_to(&error_bytes(ErrorCode::IllegalOperation, &e.to_string()), peer).await;
+                        break Err(format!("malformed packet from client: {e}"));
+                    }
+                }
+            }
+            b = blocks.next(), if want => {
+                match b {
+                    Ok(block) => sender.push_data(block, Instant::now()),
+                    Err(e) => {
+                        break_with_source_error(sock, peer, &e).await;
+                        return (sender.bytes_acked(), Err(format!("source failed: {e}")));
+                    }
+                }
+            }
+            _ = &mut timer, if deadline.is_some() => {
+                armed = None;
+                sender.handle_timeout(Instant::now());
+            }
+        }
+    };
+    (sender.bytes_acked(), result)
+}
+
+/// The source failed (for example a truncated upstream): the client gets an ERROR, never a
+/// short final DATA that would make a truncated file look complete.
+async fn break_with_source_error(sock: &UdpSocket, peer: SocketAddr, e: &io::Error) {
+    warn!(client = %peer, "transfer aborted: {e}");
+    let _ = sock
+        .send_to(&error_bytes(ErrorCode::NotDefined, &e.to_string()), peer)
+        .await;
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
