@@ -14,8 +14,16 @@
 //! | [`tftp::server`] | tokio driver: listeners, one task and one ephemeral socket per transfer, serving a [`tftp::Source`] |
 //! | [`tftp::client`] | tokio driver for downloads, yielding bytes as they arrive |
 //! | [`name`] | phone file names: normalization, case folding, rejection of escapes |
+//! | [`front`] | admission (allow list, limits) and request → overrides/cache/miss; [`front::http`] is the phones' HTTP on 6970 |
+//! | [`overrides`] | the local overrides directory that wins over upstream copies |
 //! | [`cache`] | the local store: sled index + plain files, atomic publish, recovery, quota, verify, import |
+//! | [`upstream`] | the ordered upstream chain (HTTP, TFTP), health and backoff; [`upstream::flight`] is the single-flight miss path |
+//! | [`admin`] | `/healthz`, `/status`, `/metrics`, `POST /sync`, and the `status` command |
+//! | [`metrics`] | the Prometheus registry every part counts into |
 //! | [`config`] | the YAML configuration: schema, defaults, validation with positions, `check-config` |
+//! | [`app`] | wiring and lifecycle of `serve`: start, signals, graceful stop |
+//! | [`get`] | the `get` command: a TFTP/HTTP download with stats |
+//! | [`logging`] | journald or stderr, level from the config or `RUST_LOG` |
 //! | [`manpage`] | the `branchtftp(1)` man page, generated from the CLI definition |
 
 pub mod admin;
