@@ -150,7 +150,8 @@ async fn udp_relay_delays_every_lockstep_block_and_keeps_tids() {
     );
     assert!(run.elapsed < Duration::from_secs(5), "{run}");
     assert!(wan.bytes_down() >= 10 * 516, "{}", wan.bytes_down());
-    assert_eq!(wan.packets_up(), 12, "RRQ + 11 ACKs");
+    // RRQ + 11 ACKs, more if a slow moment made tftpd-hpa retransmit (its timeout is 1 s).
+    assert!(wan.packets_up() >= 12, "{} packets up", wan.packets_up());
 
     // The relay maps TIDs per client flow: curl with options works through it too.
     let run = curl_tftp_get(wan.addr(), "f.bin", &out.path().join("c"), Some(1024)).await;

@@ -277,3 +277,221 @@ impl ClientRun {
         self.stdout.trim().parse().unwrap_or(0)
     }
 }
+
+/// A real client with the options it will ask for, so a test can run a matrix of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RealClient {
+    /// curl, `--tftp-blksize` when given (always asks tsize).
+    Curl { blksize: Option<u16> },
+    /// tftp-hpa in binary mode (no options).
+    TftpHpa,
+    /// atftp with the given options.
+    Atftp {
+        blksize: Option<u16>,
+        windowsize: Option<u16>,
+        tsize: bool,
+    },
+    /// busybox tftp, `-b` when given (always asks tsize).
+    Busybox { blksize: Option<u16> },
+}
+
+impl RealClient {
+    /// Downloads `name` to `out`.
+    pub async fn get(self, addr: SocketAddr, name: &str, out: &Path) -> ClientRun {
+        match self {
+            RealClient::Curl { blksize } => curl_tftp_get(addr, name, out, blksize).await,
+            RealClient::TftpHpa => tftp_hpa_get(addr, name, out, TftpMode::Binary).await,
+            RealClient::Atftp {
+                blksize,
+                windowsize,
+                tsize,
+            } => atftp_get(addr, name, out, blksize, windowsize, tsize, None).await,
+            RealClient::Busybox { blksize } => busybox_tftp_get(addr, name, out, blksize).await,
+        }
+    }
+
+    /// The block size the transfer will use if the server grants what is asked.
+    pub fn blksize(self) -> u16 {
+        match self {
+            RealClient::Curl { blksize }
+            | RealClient::Atftp { blksize, .. }
+            | RealClient::Busybox { blksize } => blksize.unwrap_or(512),
+            RealClient::TftpHpa => 512,
+        }
+    }
+
+    /// A short label for file names and messages, e.g. `atftp-b1428-w16-t`.
+    pub fn label(self) -> String {
+        let b = |b: Option<u16>| b.map_or(String::new(), |b| format!("-b{b}"));
+        match self {
+            RealClient::Curl { blksize } => format!("curl{}", b(blksize)),
+            RealClient::TftpHpa => "tftp-hpa".into(),
+            RealClient::Atftp {
+                blksize,
+                windowsize,
+                tsize,
+            } => format!(
+                "atftp{}{}{}",
+                b(blksize),
+                windowsize.map_or(String::new(), |w| format!("-w{w}")),
+                if tsize { "-t" } else { "" }
+            ),
+            RealClient::Busybox { blksize } => format!("busybox{}", b(blksize)),
+        }
+    }
+}
+
+/// What a server answered to [`raw_tftp_get`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RawOutcome {
+    /// The whole file (as sent on the wire: netascii is not decoded).
+    Data(Vec<u8>),
+    /// An ERROR packet.
+    Error { code: u16, message: String },
+    /// Nothing (or nothing more) within the time limit.
+    Timeout,
+}
+
+/// The result of [`raw_tftp_get`].
+#[derive(Clone, Debug)]
+pub struct RawRun {
+    pub outcome: RawOutcome,
+    /// When the first reply (DATA, OACK or ERROR) arrived after the request.
+    pub first_reply: Option<Duration>,
+    /// The OACK's options, if the server sent one.
+    pub oack: Option<Vec<(String, String)>>,
+}
+
+fn parse_error(p: &[u8]) -> RawOutcome {
+    let code = u16::from_be_bytes([p[2], p[3]]);
+    let end = p[4..]
+        .iter()
+        .position(|b| *b == 0)
+        .map_or(p.len(), |i| 4 + i);
+    RawOutcome::Error {
+        code,
+        message: String::from_utf8_lossy(&p[4..end]).into_owned(),
+    }
+}
+
+/// A minimal lock-step TFTP client on a raw socket, for checks the real clients cannot make:
+/// the exact ERROR code, the time to the first reply, the bytes on the wire in netascii mode.
+/// `name` is sent as given (any bytes); `options` go into the RRQ (RFC 2347). Waits up to 2 s
+/// per packet and does not retransmit.
+pub async fn raw_tftp_get(
+    addr: SocketAddr,
+    name: &[u8],
+    mode: &str,
+    options: &[(&str, &str)],
+) -> RawRun {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "127.0.0.1:0".parse().unwrap()
+    } else {
+        "[::1]:0".parse().unwrap()
+    };
+    let sock = tokio::net::UdpSocket::bind(bind).await.unwrap();
+    let mut rrq = vec![0u8, 1];
+    rrq.extend_from_slice(name);
+    rrq.push(0);
+    rrq.extend_from_slice(mode.as_bytes());
+    rrq.push(0);
+    for (k, v) in options {
+        rrq.extend_from_slice(k.as_bytes());
+        rrq.push(0);
+        rrq.extend_from_slice(v.as_bytes());
+        rrq.push(0);
+    }
+    let started = Instant::now();
+    sock.send_to(&rrq, addr).await.unwrap();
+    let mut run = RawRun {
+        outcome: RawOutcome::Timeout,
+        first_reply: None,
+        oack: None,
+    };
+    let mut blksize = 512usize;
+    let mut expected: u16 = 1;
+    let mut data = Vec::new();
+    let mut buf = vec![0u8; 65536 + 4];
+    loop {
+        let Ok(Ok((n, from))) =
+            tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf)).await
+        else {
+            return run;
+        };
+        run.first_reply.get_or_insert(started.elapsed());
+        let p = &buf[..n];
+        if n < 4 {
+            continue;
+        }
+        match u16::from_be_bytes([p[0], p[1]]) {
+            5 => {
+                run.outcome = parse_error(p);
+                return run;
+            }
+            6 => {
+                let fields: Vec<String> = p[2..]
+                    .split(|b| *b == 0)
+                    .map(|f| String::from_utf8_lossy(f).into_owned())
+                    .collect();
+                let opts: Vec<(String, String)> = fields
+                    .chunks(2)
+                    .filter(|c| c.len() == 2)
+                    .map(|c| (c[0].to_lowercase(), c[1].clone()))
+                    .collect();
+                if let Some((_, v)) = opts.iter().find(|(k, _)| k == "blksize") {
+                    blksize = v.parse().unwrap_or(512);
+                }
+                run.oack = Some(opts);
+                sock.send_to(&[0, 4, 0, 0], from).await.unwrap();
+            }
+            3 => {
+                let block = u16::from_be_bytes([p[2], p[3]]);
+                if block == expected {
+                    data.extend_from_slice(&p[4..]);
+                    expected = expected.wrapping_add(1);
+                }
+                let mut ack = vec![0u8, 4];
+                ack.extend_from_slice(&block.to_be_bytes());
+                sock.send_to(&ack, from).await.unwrap();
+                if block == expected.wrapping_sub(1) && p.len() - 4 < blksize {
+                    run.outcome = RawOutcome::Data(data);
+                    return run;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Sends one datagram to a TFTP server and returns the first reply (and who sent it), if any
+/// arrives within `wait`. For requests no real client makes (a WRQ built by hand, garbage).
+pub async fn raw_tftp_exchange(
+    addr: SocketAddr,
+    packet: &[u8],
+    wait: Duration,
+) -> Option<(Vec<u8>, SocketAddr)> {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "127.0.0.1:0".parse().unwrap()
+    } else {
+        "[::1]:0".parse().unwrap()
+    };
+    let sock = tokio::net::UdpSocket::bind(bind).await.unwrap();
+    sock.send_to(packet, addr).await.unwrap();
+    let mut buf = vec![0u8; 65536];
+    match tokio::time::timeout(wait, sock.recv_from(&mut buf)).await {
+        Ok(Ok((n, from))) => Some((buf[..n].to_vec(), from)),
+        _ => None,
+    }
+}
+
+/// The ERROR code and message of a raw reply, if it is an ERROR packet.
+pub fn tftp_error_of(packet: &[u8]) -> Option<(u16, String)> {
+    if packet.len() >= 4 && packet[..2] == [0, 5] {
+        match parse_error(packet) {
+            RawOutcome::Error { code, message } => Some((code, message)),
+            _ => None,
+        }
+    } else {
+        None
+    }
+}

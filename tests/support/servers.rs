@@ -79,12 +79,22 @@ fn log_file(tag: &str) -> (PathBuf, fs::File) {
 fn start_tftp_server(
     tag: &str,
     ip: IpAddr,
+    make: impl FnMut(u16) -> Command,
+) -> (SocketAddr, ServerProcess) {
+    start_tftp_server_on(tag, &[ip], make)
+}
+
+/// Starts `make(port)` on fresh ports until a server answers a probe at every `ip:port`;
+/// returns the address on the first ip.
+fn start_tftp_server_on(
+    tag: &str,
+    ips: &[IpAddr],
     mut make: impl FnMut(u16) -> Command,
 ) -> (SocketAddr, ServerProcess) {
     let mut last_log = String::new();
     for _attempt in 0..3 {
         let port = free_udp_port();
-        let addr = SocketAddr::new(ip, port);
+        let addr = SocketAddr::new(ips[0], port);
         let (log, file) = log_file(tag);
         let mut cmd = make(port);
         let what = format!("{cmd:?}");
@@ -95,7 +105,10 @@ fn start_tftp_server(
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {what}: {e}; tests/run.sh installs it"));
         let mut proc = ServerProcess { child, log, what };
-        if wait_tftp_ready(addr, SERVER_START_LIMIT) {
+        if ips
+            .iter()
+            .all(|ip| wait_tftp_ready(SocketAddr::new(*ip, port), SERVER_START_LIMIT))
+        {
             return (addr, proc);
         }
         let exited = proc.exited();
@@ -178,5 +191,111 @@ impl Atftpd {
 
     pub fn log(&self) -> String {
         self.process.log_text()
+    }
+}
+
+/// `branchtftp serve` (the binary under test) as a child process on a free loopback port, with
+/// its own config file, cache directory and admin port, so tests run side by side. SIGKILLed on
+/// drop; [`Branchtftp::stop`] asks it to stop with SIGTERM instead.
+pub struct Branchtftp {
+    /// The TFTP address on the first listen ip.
+    pub addr: SocketAddr,
+    /// Every TFTP listen address.
+    pub addrs: Vec<SocketAddr>,
+    /// Holds the config file and the cache directory.
+    pub dir: tempfile::TempDir,
+    process: ServerProcess,
+}
+
+/// The binary Cargo built for the integration tests.
+pub fn branchtftp_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_branchtftp"))
+}
+
+impl Branchtftp {
+    /// `branchtftp serve --root ROOT --listen 127.0.0.1:PORT`.
+    pub fn serve(root: &Path) -> Self {
+        Self::serve_on(root, &[IpAddr::V4(Ipv4Addr::LOCALHOST)])
+    }
+
+    /// One `--listen ip:PORT` per ip, on the same free port (e.g. `127.0.0.1` and `::1`).
+    pub fn serve_on(root: &Path, ips: &[IpAddr]) -> Self {
+        Self::serve_with(root, ips, None, &[])
+    }
+
+    /// As [`Branchtftp::serve_on`], with a config file of your own (YAML; default: an isolated
+    /// one with the cache in a temporary directory, the phone HTTP front end off and the admin
+    /// endpoint on a free port) and extra arguments after `serve`.
+    pub fn serve_with(
+        root: &Path,
+        ips: &[IpAddr],
+        config_yaml: Option<&str>,
+        extra: &[&str],
+    ) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("branchtftp-serve-")
+            .tempdir()
+            .expect("create a temporary directory");
+        let config = dir.path().join("branchtftp.yaml");
+        let yaml = match config_yaml {
+            Some(y) => y.to_string(),
+            None => format!(
+                "log: info\ncache:\n  dir: {}\nhttp:\n  listen: []\nadmin:\n  listen: \"127.0.0.1:{}\"\n",
+                dir.path().join("cache").display(),
+                super::free_tcp_port()
+            ),
+        };
+        fs::write(&config, yaml).unwrap();
+        let bin = branchtftp_bin();
+        let root = root.to_path_buf();
+        let (addr, process) = start_tftp_server_on("branchtftp", ips, |port| {
+            let mut c = Command::new(&bin);
+            c.arg("serve")
+                .arg("-c")
+                .arg(&config)
+                .arg("--root")
+                .arg(&root);
+            for ip in ips {
+                c.arg("--listen")
+                    .arg(SocketAddr::new(*ip, port).to_string());
+            }
+            c.args(extra).env_remove("BRANCHTFTP_CONFIG");
+            c
+        });
+        let addrs = ips
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, addr.port()))
+            .collect();
+        Branchtftp {
+            addr,
+            addrs,
+            dir,
+            process,
+        }
+    }
+
+    /// The server's log so far (stdout and stderr).
+    pub fn log(&self) -> String {
+        self.process.log_text()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.child.id()
+    }
+
+    /// Sends SIGTERM and waits (up to `limit`) for the exit; `None` if it did not exit.
+    pub fn stop(mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        // SAFETY: signalling our own child by its pid.
+        unsafe {
+            libc::kill(self.process.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.process.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
     }
 }
