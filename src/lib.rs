@@ -24,6 +24,7 @@
 //! | [`app`] | wiring and lifecycle of `serve`: start, signals, graceful stop |
 //! | [`get`] | the `get` command: a TFTP/HTTP download with stats |
 //! | [`logging`] | journald or stderr, level from the config or `RUST_LOG` |
+//! | [`wan`] | a simulated WAN (delay, bandwidth cap, outage) for `demo`, tests and benchmarks |
 //! | [`manpage`] | the `branchtftp(1)` man page, generated from the CLI definition |
 
 pub mod admin;
@@ -39,3 +40,4 @@ pub mod name;
 pub mod overrides;
 pub mod tftp;
 pub mod upstream;
+pub mod wan;

@@ -12,13 +12,12 @@
 mod clients;
 mod files;
 mod origin;
-mod relay;
 mod servers;
 
+pub use branchtftp::wan::*;
 pub use clients::*;
 pub use files::*;
 pub use origin::*;
-pub use relay::*;
 pub use servers::*;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};

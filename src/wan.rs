@@ -1,4 +1,6 @@
-//! `WanRelay`: an in-process model of the WAN between a branch and the central site. It forwards
+//! `WanRelay`: an in-process model of the WAN between a branch and the central site, used by
+//! `branchtftp demo`, the integration tests and the benchmarks (`tc netem` is not available on
+//! the machines this runs on). It forwards
 //! UDP (TFTP, TID changes included) and TCP (HTTP) to targets, adding one-way delay and a shared
 //! bandwidth cap per direction, and can be cut (outage) or blackholed (UDP silently dropped).
 //!
