@@ -15,7 +15,8 @@
 //! ```text
 //! lock            flock'd by the one process that owns the cache
 //! index.sled/     the sled index (moved aside to index.sled.corrupt-<ms> if it will not open)
-//! files/<key>     content, one plain file per name (locale paths make subdirectories)
+//! files/<key>     content, one plain file per name (locale paths make subdirectories),
+//!                 labelled with its origin in an xattr for rebuilds (`origin`)
 //! tmp/            publishes in progress; emptied at start
 //! quarantine/     files `verify` found corrupt, kept for inspection
 //! ```
@@ -23,6 +24,7 @@
 mod class;
 pub mod cli;
 mod maintenance;
+mod origin;
 mod publish;
 mod recovery;
 

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use tracing::{info, warn};
 
 use super::maintenance::hash_file;
+use super::origin;
 use super::{
     fsync_dir, now_millis, remove_file_logged, Cache, CacheError, ClassRules, Entry, Inner, Layout,
     State, Validators,
@@ -344,7 +345,7 @@ pub(super) fn open(
         if report.index_moved_aside.is_none() {
             info!(key, size, "cache: indexing a file that had no entry");
         }
-        let e = Entry {
+        let mut e = Entry {
             name: key.clone(),
             key: key.clone(),
             size,
@@ -358,6 +359,15 @@ pub(super) fn open(
             hits: 0,
             pinned: false,
         };
+        // The label is trusted only for the very bytes it was written with.
+        if let Some(o) = origin::read(&path).filter(|o| {
+            o.sha256 == e.sha256 && FileName::parse(&o.name).is_ok_and(|n| n.key() == key)
+        }) {
+            e.name = o.name;
+            e.source = o.source;
+            e.validators = o.validators;
+            e.fetched_at = o.fetched_at;
+        }
         entries.insert(key.clone(), e);
         changed.push(key);
         report.files_reindexed += 1;
@@ -440,4 +450,62 @@ fn spawn_usage_flusher(inner: &Arc<Inner>) {
                 warn!("cache: could not write usage counters back: {e}");
             }
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::cache::PublishMeta;
+
+    fn publish(cache: &Cache, raw: &str, bytes: &[u8]) -> Entry {
+        let mut p = cache.publisher(&FileName::parse(raw).unwrap()).unwrap();
+        p.write_all(bytes).unwrap();
+        p.commit(PublishMeta::default()).unwrap()
+    }
+
+    /// Reproduces the state a crash leaves between the intent record and the entry update:
+    /// the new entry is only in `pending`; `renamed` says whether the new file got in place.
+    fn interrupted_install(dir: &Path, renamed: bool) -> (Entry, Entry) {
+        let (cache, _) = Cache::open(dir, u64::MAX, ClassRules::default()).unwrap();
+        let old = publish(&cache, "dialplan.xml", b"old plan");
+        // Same size as the old bytes: only the hash can tell the versions apart.
+        let new_bytes = b"new plan";
+        let new = Entry {
+            size: new_bytes.len() as u64,
+            sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(new_bytes)),
+            ..old.clone()
+        };
+        let inner = &cache.inner;
+        inner
+            .pending
+            .insert(old.key.as_bytes(), serde_json::to_vec(&new).unwrap())
+            .unwrap();
+        inner.flush_index().unwrap();
+        if renamed {
+            std::fs::write(inner.layout.file_path(&old.key), new_bytes).unwrap();
+        }
+        (old, new)
+    }
+
+    #[test]
+    fn install_cut_after_its_rename_is_completed() {
+        let d = tempfile::tempdir().unwrap();
+        let (_, new) = interrupted_install(d.path(), true);
+        let (cache, report) = Cache::open(d.path(), u64::MAX, ClassRules::default()).unwrap();
+        assert_eq!(report.pending_resolved, 1);
+        assert_eq!(cache.get("dialplan.xml").unwrap().sha256, new.sha256);
+        assert!(cache.inner.pending.is_empty());
+    }
+
+    #[test]
+    fn install_cut_before_its_rename_keeps_the_old_version() {
+        let d = tempfile::tempdir().unwrap();
+        let (old, _) = interrupted_install(d.path(), false);
+        let (cache, report) = Cache::open(d.path(), u64::MAX, ClassRules::default()).unwrap();
+        assert_eq!(report.pending_resolved, 1);
+        assert_eq!(cache.get("dialplan.xml").unwrap().sha256, old.sha256);
+        assert!(cache.inner.pending.is_empty());
+    }
 }
