@@ -424,7 +424,7 @@ pub(super) fn open(
         report.files = st.entries.len() as u64;
         report.bytes = st.bytes;
     }
-    spawn_usage_flusher(&inner);
+    let flusher = Arc::new(super::UsageFlusher::spawn(&inner));
     report.elapsed = started.elapsed();
     if report.repairs() > 0 {
         warn!(?report, "cache: recovered");
@@ -435,21 +435,13 @@ pub(super) fn open(
             "cache: opened clean"
         );
     }
-    Ok((Cache { inner }, report))
-}
-
-/// Writes hit counts and last-use times back every few seconds; ends with the cache.
-fn spawn_usage_flusher(inner: &Arc<Inner>) {
-    let weak = Arc::downgrade(inner);
-    let _ = std::thread::Builder::new()
-        .name("cache-usage".into())
-        .spawn(move || loop {
-            std::thread::sleep(Duration::from_secs(2));
-            let Some(inner) = weak.upgrade() else { break };
-            if let Err(e) = inner.flush_usage() {
-                warn!("cache: could not write usage counters back: {e}");
-            }
-        });
+    Ok((
+        Cache {
+            _flusher: flusher,
+            inner,
+        },
+        report,
+    ))
 }
 
 #[cfg(test)]
