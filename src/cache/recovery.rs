@@ -145,10 +145,11 @@ fn mkdir(dir: &Path) -> Result<(), CacheError> {
 }
 
 /// Files under `files/`: key → (size, mtime millis).
-fn walk_files(
-    layout: &Layout,
-    report: &mut RecoveryReport,
-) -> Result<HashMap<String, (u64, u64)>, CacheError> {
+type OnDisk = HashMap<String, (u64, u64)>;
+
+/// The files on disk, and how many unusable files were removed.
+fn walk_files(layout: &Layout) -> Result<(OnDisk, u64), CacheError> {
+    let mut removed = 0;
     let mut out = HashMap::new();
     let mut stack = vec![layout.files.clone()];
     while let Some(dir) = stack.pop() {
@@ -173,7 +174,7 @@ fn walk_files(
             if !ft.is_file() || !valid_key {
                 warn!(path = %path.display(), "cache: removing a file that cannot be a cache entry");
                 remove_file_logged(&path);
-                report.files_removed += 1;
+                removed += 1;
                 continue;
             }
             let md = de.metadata().map_err(CacheError::io(&path))?;
@@ -186,24 +187,12 @@ fn walk_files(
             out.insert(rel.expect("valid"), (md.len(), mtime));
         }
     }
-    Ok(out)
+    Ok((out, removed))
 }
 
-pub(super) fn open(
-    dir: &Path,
-    max_bytes: u64,
-    rules: ClassRules,
-) -> Result<(Cache, RecoveryReport), CacheError> {
-    let started = Instant::now();
-    let layout = Layout::new(dir);
-    for d in [&layout.root, &layout.files, &layout.tmp, &layout.quarantine] {
-        mkdir(d)?;
-    }
-    let lock_file = take_lock(&layout)?;
-    let mut report = RecoveryReport::default();
-
-    // 1. The index, or a fresh one if it is damaged.
-    let (db, pending, raw_entries, intents) = match try_load(&layout.index) {
+/// The index, or a fresh one if it is damaged (the old one moved aside).
+fn load_index(layout: &Layout, report: &mut RecoveryReport) -> Result<Loaded, CacheError> {
+    let loaded = match try_load(&layout.index) {
         Ok(loaded) => loaded,
         Err(IndexFailure::Fatal(source)) => {
             return Err(CacheError::Index {
@@ -240,6 +229,35 @@ pub(super) fn open(
             }
         }
     };
+    Ok(loaded)
+}
+
+pub(super) fn open(
+    dir: &Path,
+    max_bytes: u64,
+    rules: ClassRules,
+) -> Result<(Cache, RecoveryReport), CacheError> {
+    let started = Instant::now();
+    let layout = Layout::new(dir);
+    for d in [&layout.root, &layout.files, &layout.tmp, &layout.quarantine] {
+        mkdir(d)?;
+    }
+    let lock_file = take_lock(&layout)?;
+    let mut report = RecoveryReport::default();
+
+    // 1. The index (or a fresh one if it is damaged) and the files on disk, read in parallel:
+    // both are dominated by system calls over every entry.
+    let (loaded, walked) = std::thread::scope(|s| {
+        let walker = s.spawn(|| walk_files(&layout));
+        let loaded = load_index(&layout, &mut report);
+        (
+            loaded,
+            walker.join().expect("walking the cache files panicked"),
+        )
+    });
+    let (db, pending, raw_entries, intents) = loaded?;
+    let (mut on_disk, unusable) = walked?;
+    report.files_removed += unusable;
     let index_err = |source| CacheError::Index {
         path: layout.index.clone(),
         source,
@@ -260,7 +278,6 @@ pub(super) fn open(
     }
 
     // 3. Reconcile the index with the files.
-    let mut on_disk = walk_files(&layout, &mut report)?;
     let mut entries: HashMap<String, Entry> = HashMap::with_capacity(raw_entries.len());
     let mut changed: Vec<String> = Vec::new();
     let mut removed: Vec<String> = Vec::new();
