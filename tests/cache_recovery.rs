@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::Path;
 
-use branchtftp::cache::{Cache, ClassRules, FileClass, PublishMeta};
+use branchtftp::cache::{Cache, ClassRules, FileClass, PublishMeta, Validators};
 use branchtftp::name::FileName;
 use sha2::{Digest, Sha256};
 
@@ -16,7 +16,15 @@ fn open(dir: &Path) -> (Cache, branchtftp::cache::RecoveryReport) {
 fn publish(cache: &Cache, raw: &str, bytes: &[u8]) {
     let mut p = cache.publisher(&FileName::parse(raw).unwrap()).unwrap();
     p.write_all(bytes).unwrap();
-    p.commit(PublishMeta::default()).unwrap();
+    p.commit(PublishMeta {
+        source: "http://central:6970".into(),
+        validators: Validators {
+            etag: Some("\"v1\"".into()),
+            ..Validators::default()
+        },
+        expected_size: None,
+    })
+    .unwrap();
 }
 
 fn read(cache: &Cache, key: &str) -> Vec<u8> {
@@ -70,7 +78,13 @@ fn deleted_index_is_rebuilt_from_the_files_and_serves_the_same_bytes() {
         cache.get("english_united_states/mk-sip.jar").unwrap().class,
         FileClass::Locale
     );
-    assert_eq!(cache.get("itlfile.tlv").unwrap().source, "recovered");
+    // The files' origin labels (xattrs) give back spelling and source where supported.
+    let itl = cache.get("itlfile.tlv").unwrap();
+    if itl.source != "recovered" {
+        assert_eq!(itl.name, "ITLFile.tlv");
+        assert_eq!(itl.source, "http://central:6970");
+        assert_eq!(itl.validators.etag.as_deref(), Some("\"v1\""));
+    }
     drop(cache);
     let (_, again) = open(d.path());
     assert_eq!(

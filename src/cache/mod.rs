@@ -15,7 +15,8 @@
 //! ```text
 //! lock            flock'd by the one process that owns the cache
 //! index.sled/     the sled index (moved aside to index.sled.corrupt-<ms> if it will not open)
-//! files/<key>     content, one plain file per name (locale paths make subdirectories)
+//! files/<key>     content, one plain file per name (locale paths make subdirectories),
+//!                 labelled with its origin in an xattr for rebuilds (`origin`)
 //! tmp/            publishes in progress; emptied at start
 //! quarantine/     files `verify` found corrupt, kept for inspection
 //! ```
@@ -23,6 +24,7 @@
 mod class;
 pub mod cli;
 mod maintenance;
+mod origin;
 mod publish;
 mod recovery;
 
@@ -357,7 +359,50 @@ fn fsync_dir(dir: &Path) -> Result<(), CacheError> {
 /// The cache. Cheap to clone; all clones share one index and one directory.
 #[derive(Clone)]
 pub struct Cache {
+    // Dropped first: stops the usage flusher before the last reference to `inner` goes, so
+    // dropping the last clone releases the directory lock at once (a reopen never races it).
+    _flusher: Arc<UsageFlusher>,
     inner: Arc<Inner>,
+}
+
+/// The thread that writes hit counts and last-use times back every few seconds.
+struct UsageFlusher {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UsageFlusher {
+    fn spawn(inner: &Arc<Inner>) -> UsageFlusher {
+        let weak = Arc::downgrade(inner);
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("cache-usage".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(std::time::Duration::from_secs(2))
+                {
+                    let Some(inner) = weak.upgrade() else { break };
+                    if let Err(e) = inner.flush_usage() {
+                        warn!("cache: could not write usage counters back: {e}");
+                    }
+                }
+            })
+            .map_err(|e| warn!("cache: no usage flusher thread ({e}); counters written at close"))
+            .ok();
+        UsageFlusher {
+            stop: Some(stop),
+            thread,
+        }
+    }
+}
+
+impl Drop for UsageFlusher {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for Cache {

@@ -114,9 +114,19 @@ impl Publisher {
                 });
             }
         }
+        let sha = hex::encode(std::mem::take(&mut self.hasher).finalize());
+        super::origin::write(
+            &file,
+            &super::origin::Origin {
+                name: self.name.as_str().to_string(),
+                sha256: sha.clone(),
+                source: meta.source.clone(),
+                validators: meta.validators.clone(),
+                fetched_at: now_millis(),
+            },
+        );
         file.sync_all().map_err(CacheError::io(&self.tmp))?;
         drop(file);
-        let sha = hex::encode(std::mem::take(&mut self.hasher).finalize());
         self.inner
             .install(&self.name, &self.tmp, self.written, sha, meta)
     }

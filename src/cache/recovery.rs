@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use tracing::{info, warn};
 
 use super::maintenance::hash_file;
+use super::origin;
 use super::{
     fsync_dir, now_millis, remove_file_logged, Cache, CacheError, ClassRules, Entry, Inner, Layout,
     State, Validators,
@@ -144,10 +145,11 @@ fn mkdir(dir: &Path) -> Result<(), CacheError> {
 }
 
 /// Files under `files/`: key → (size, mtime millis).
-fn walk_files(
-    layout: &Layout,
-    report: &mut RecoveryReport,
-) -> Result<HashMap<String, (u64, u64)>, CacheError> {
+type OnDisk = HashMap<String, (u64, u64)>;
+
+/// The files on disk, and how many unusable files were removed.
+fn walk_files(layout: &Layout) -> Result<(OnDisk, u64), CacheError> {
+    let mut removed = 0;
     let mut out = HashMap::new();
     let mut stack = vec![layout.files.clone()];
     while let Some(dir) = stack.pop() {
@@ -172,7 +174,7 @@ fn walk_files(
             if !ft.is_file() || !valid_key {
                 warn!(path = %path.display(), "cache: removing a file that cannot be a cache entry");
                 remove_file_logged(&path);
-                report.files_removed += 1;
+                removed += 1;
                 continue;
             }
             let md = de.metadata().map_err(CacheError::io(&path))?;
@@ -185,24 +187,12 @@ fn walk_files(
             out.insert(rel.expect("valid"), (md.len(), mtime));
         }
     }
-    Ok(out)
+    Ok((out, removed))
 }
 
-pub(super) fn open(
-    dir: &Path,
-    max_bytes: u64,
-    rules: ClassRules,
-) -> Result<(Cache, RecoveryReport), CacheError> {
-    let started = Instant::now();
-    let layout = Layout::new(dir);
-    for d in [&layout.root, &layout.files, &layout.tmp, &layout.quarantine] {
-        mkdir(d)?;
-    }
-    let lock_file = take_lock(&layout)?;
-    let mut report = RecoveryReport::default();
-
-    // 1. The index, or a fresh one if it is damaged.
-    let (db, pending, raw_entries, intents) = match try_load(&layout.index) {
+/// The index, or a fresh one if it is damaged (the old one moved aside).
+fn load_index(layout: &Layout, report: &mut RecoveryReport) -> Result<Loaded, CacheError> {
+    let loaded = match try_load(&layout.index) {
         Ok(loaded) => loaded,
         Err(IndexFailure::Fatal(source)) => {
             return Err(CacheError::Index {
@@ -239,6 +229,35 @@ pub(super) fn open(
             }
         }
     };
+    Ok(loaded)
+}
+
+pub(super) fn open(
+    dir: &Path,
+    max_bytes: u64,
+    rules: ClassRules,
+) -> Result<(Cache, RecoveryReport), CacheError> {
+    let started = Instant::now();
+    let layout = Layout::new(dir);
+    for d in [&layout.root, &layout.files, &layout.tmp, &layout.quarantine] {
+        mkdir(d)?;
+    }
+    let lock_file = take_lock(&layout)?;
+    let mut report = RecoveryReport::default();
+
+    // 1. The index (or a fresh one if it is damaged) and the files on disk, read in parallel:
+    // both are dominated by system calls over every entry.
+    let (loaded, walked) = std::thread::scope(|s| {
+        let walker = s.spawn(|| walk_files(&layout));
+        let loaded = load_index(&layout, &mut report);
+        (
+            loaded,
+            walker.join().expect("walking the cache files panicked"),
+        )
+    });
+    let (db, pending, raw_entries, intents) = loaded?;
+    let (mut on_disk, unusable) = walked?;
+    report.files_removed += unusable;
     let index_err = |source| CacheError::Index {
         path: layout.index.clone(),
         source,
@@ -259,7 +278,6 @@ pub(super) fn open(
     }
 
     // 3. Reconcile the index with the files.
-    let mut on_disk = walk_files(&layout, &mut report)?;
     let mut entries: HashMap<String, Entry> = HashMap::with_capacity(raw_entries.len());
     let mut changed: Vec<String> = Vec::new();
     let mut removed: Vec<String> = Vec::new();
@@ -344,7 +362,7 @@ pub(super) fn open(
         if report.index_moved_aside.is_none() {
             info!(key, size, "cache: indexing a file that had no entry");
         }
-        let e = Entry {
+        let mut e = Entry {
             name: key.clone(),
             key: key.clone(),
             size,
@@ -358,6 +376,15 @@ pub(super) fn open(
             hits: 0,
             pinned: false,
         };
+        // The label is trusted only for the very bytes it was written with.
+        if let Some(o) = origin::read(&path).filter(|o| {
+            o.sha256 == e.sha256 && FileName::parse(&o.name).is_ok_and(|n| n.key() == key)
+        }) {
+            e.name = o.name;
+            e.source = o.source;
+            e.validators = o.validators;
+            e.fetched_at = o.fetched_at;
+        }
         entries.insert(key.clone(), e);
         changed.push(key);
         report.files_reindexed += 1;
@@ -414,7 +441,7 @@ pub(super) fn open(
         report.files = st.entries.len() as u64;
         report.bytes = st.bytes;
     }
-    spawn_usage_flusher(&inner);
+    let flusher = Arc::new(super::UsageFlusher::spawn(&inner));
     report.elapsed = started.elapsed();
     if report.repairs() > 0 {
         warn!(?report, "cache: recovered");
@@ -425,19 +452,69 @@ pub(super) fn open(
             "cache: opened clean"
         );
     }
-    Ok((Cache { inner }, report))
+    Ok((
+        Cache {
+            _flusher: flusher,
+            inner,
+        },
+        report,
+    ))
 }
 
-/// Writes hit counts and last-use times back every few seconds; ends with the cache.
-fn spawn_usage_flusher(inner: &Arc<Inner>) {
-    let weak = Arc::downgrade(inner);
-    let _ = std::thread::Builder::new()
-        .name("cache-usage".into())
-        .spawn(move || loop {
-            std::thread::sleep(Duration::from_secs(2));
-            let Some(inner) = weak.upgrade() else { break };
-            if let Err(e) = inner.flush_usage() {
-                warn!("cache: could not write usage counters back: {e}");
-            }
-        });
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::cache::PublishMeta;
+
+    fn publish(cache: &Cache, raw: &str, bytes: &[u8]) -> Entry {
+        let mut p = cache.publisher(&FileName::parse(raw).unwrap()).unwrap();
+        p.write_all(bytes).unwrap();
+        p.commit(PublishMeta::default()).unwrap()
+    }
+
+    /// Reproduces the state a crash leaves between the intent record and the entry update:
+    /// the new entry is only in `pending`; `renamed` says whether the new file got in place.
+    fn interrupted_install(dir: &Path, renamed: bool) -> (Entry, Entry) {
+        let (cache, _) = Cache::open(dir, u64::MAX, ClassRules::default()).unwrap();
+        let old = publish(&cache, "dialplan.xml", b"old plan");
+        // Same size as the old bytes: only the hash can tell the versions apart.
+        let new_bytes = b"new plan";
+        let new = Entry {
+            size: new_bytes.len() as u64,
+            sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(new_bytes)),
+            ..old.clone()
+        };
+        let inner = &cache.inner;
+        inner
+            .pending
+            .insert(old.key.as_bytes(), serde_json::to_vec(&new).unwrap())
+            .unwrap();
+        inner.flush_index().unwrap();
+        if renamed {
+            std::fs::write(inner.layout.file_path(&old.key), new_bytes).unwrap();
+        }
+        (old, new)
+    }
+
+    #[test]
+    fn install_cut_after_its_rename_is_completed() {
+        let d = tempfile::tempdir().unwrap();
+        let (_, new) = interrupted_install(d.path(), true);
+        let (cache, report) = Cache::open(d.path(), u64::MAX, ClassRules::default()).unwrap();
+        assert_eq!(report.pending_resolved, 1);
+        assert_eq!(cache.get("dialplan.xml").unwrap().sha256, new.sha256);
+        assert!(cache.inner.pending.is_empty());
+    }
+
+    #[test]
+    fn install_cut_before_its_rename_keeps_the_old_version() {
+        let d = tempfile::tempdir().unwrap();
+        let (old, _) = interrupted_install(d.path(), false);
+        let (cache, report) = Cache::open(d.path(), u64::MAX, ClassRules::default()).unwrap();
+        assert_eq!(report.pending_resolved, 1);
+        assert_eq!(cache.get("dialplan.xml").unwrap().sha256, old.sha256);
+        assert!(cache.inner.pending.is_empty());
+    }
 }
