@@ -22,6 +22,7 @@
 //! | [`metrics`] | the Prometheus registry every part counts into |
 //! | [`config`] | the YAML configuration: schema, defaults, validation with positions, `check-config` |
 //! | [`app`] | wiring and lifecycle of `serve`: start, signals, graceful stop |
+//! | [`demo`] | `branchtftp demo`: sample central server, simulated WAN, phones booting direct/cold/warm |
 //! | [`get`] | the `get` command: a TFTP/HTTP download with stats |
 //! | [`logging`] | journald or stderr, level from the config or `RUST_LOG` |
 //! | [`wan`] | a simulated WAN (delay, bandwidth cap, outage) for `demo`, tests and benchmarks |
@@ -31,6 +32,7 @@ pub mod admin;
 pub mod app;
 pub mod cache;
 pub mod config;
+pub mod demo;
 pub mod front;
 pub mod get;
 pub mod logging;

@@ -56,6 +56,19 @@ enum Command {
     /// Print the man page (roff) on stdout; used by packaging.
     #[command(hide = true)]
     Man,
+    /// See what branchtftp does: a sample central server behind a simulated slow WAN, the
+    /// appliance, and phones booting direct, through a cold cache and through a warm cache.
+    Demo {
+        /// Simulated phones booting at once.
+        #[arg(long, default_value_t = 6)]
+        phones: usize,
+        /// WAN round-trip time.
+        #[arg(long, default_value = "80ms", value_parser = humantime::parse_duration)]
+        rtt: Duration,
+        /// WAN bandwidth per direction, e.g. 10Mbit/s.
+        #[arg(long, default_value = "10Mbit/s", value_parser = branchtftp::config::parse_rate)]
+        rate: u64,
+    },
     /// Show a running appliance's state (asks its admin endpoint).
     ///
     /// Exit 0 healthy, 1 unreachable or unhealthy, 3 running but no upstream reachable.
@@ -131,6 +144,11 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             };
+        }
+        Command::Demo { phones, rtt, rate } => {
+            branchtftp::logging::init(branchtftp::config::LogLevel::Warn);
+            let opts = branchtftp::demo::DemoOptions { phones, rtt, rate };
+            runtime().and_then(|rt| rt.block_on(branchtftp::demo::run(opts)))
         }
         Command::Man => {
             return match branchtftp::manpage::render(&Cli::command(), &mut std::io::stdout().lock())
