@@ -78,11 +78,11 @@ export BRANCHTFTP_REQUIRE_PEERS=1
 
 # --- 3. the suite -----------------------------------------------------------------------------
 if [ "${BRANCHTFTP_NEXTEST:-1}" != 0 ] && cargo nextest --version >/dev/null 2>&1; then
-    log "cargo nextest run --release --all-targets"
-    cargo nextest run --release --all-targets --no-fail-fast "$@"
+    log "cargo nextest run --release --lib --bins --tests"
+    cargo nextest run --release --lib --bins --tests --no-fail-fast "$@"
 else
-    log "cargo test --release --all-targets"
-    cargo test --release --all-targets --no-fail-fast "$@"
+    log "cargo test --release --lib --bins --tests"
+    cargo test --release --lib --bins --tests --no-fail-fast "$@"
 fi
 
 # --- packaging checks (tests/packaging.sh, written separately) --------------------------------
