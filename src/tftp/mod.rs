@@ -2,6 +2,7 @@
 //! them. Nothing in here knows about caches or upstreams: a server serves whatever a [`Source`]
 //! hands it, and a client yields bytes to whoever asked.
 
+mod blocking;
 pub mod client;
 pub mod netascii;
 pub mod packet;

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use super::netascii;
 use super::packet::{ErrorCode, Options, Packet, BLKSIZE_MIN, DEFAULT_BLKSIZE};
-use super::transfer::{Params, Sender, Status};
+use super::transfer::{Params, Sender};
 use crate::name::{FileName, NameError};
 
 /// Transfer mode requested by the client (RFC 1350 §5).
@@ -378,7 +378,7 @@ async fn handle_request<S: Source + ?Sized>(
     };
     let origin = content.origin.clone();
     let (params, oack) = negotiate(cfg, &options, mode, content.size);
-    let outcome = run_transfer(&sock, peer, params, oack, content, mode).await;
+    let outcome = run_transfer(sock, peer, params, oack, content, mode).await;
     let (bytes, result) = outcome;
     source.finished(&TransferReport {
         client: peer,
@@ -441,7 +441,12 @@ enum Chunk {
 
 /// Reads `Content` ahead of the sender in large chunks (translated to netascii when asked), so
 /// the transfer task is not woken per block.
-async fn read_ahead(mut content: Content, mode: Mode, tx: mpsc::Sender<Chunk>) {
+async fn read_ahead(
+    mut content: Content,
+    mode: Mode,
+    tx: mpsc::Sender<Chunk>,
+    wake: Arc<super::blocking::Wake>,
+) {
     let mut raw = vec![0u8; 64 * 1024];
     let mut ascii = Vec::new();
     loop {
@@ -450,6 +455,7 @@ async fn read_ahead(mut content: Content, mode: Mode, tx: mpsc::Sender<Chunk>) {
             Ok(n) => n,
             Err(e) => {
                 let _ = tx.send(Chunk::Failed(e)).await;
+                wake.notify();
                 return;
             }
         };
@@ -464,8 +470,10 @@ async fn read_ahead(mut content: Content, mode: Mode, tx: mpsc::Sender<Chunk>) {
         if tx.send(Chunk::Data(chunk)).await.is_err() {
             return;
         }
+        wake.notify();
     }
     let _ = tx.send(Chunk::End).await;
+    wake.notify();
 }
 
 /// Cuts read-ahead chunks into blocks of exactly `blksize` bytes; the final block is shorter,
@@ -491,19 +499,6 @@ impl Blocks {
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     self.take_closed()?;
                 }
-            }
-        }
-    }
-
-    /// Waits for the next block.
-    async fn next(&mut self) -> io::Result<Bytes> {
-        loop {
-            if let Some(b) = self.cut() {
-                return Ok(b);
-            }
-            match self.rx.recv().await {
-                Some(c) => self.take(c)?,
-                None => self.take_closed()?,
             }
         }
     }
@@ -537,17 +532,32 @@ impl Blocks {
     }
 }
 
-/// Drives one [`Sender`] over its socket. Returns the bytes acknowledged and the outcome.
+impl super::blocking::BlockSource for Blocks {
+    fn try_next(&mut self) -> io::Result<Option<Bytes>> {
+        Blocks::try_next(self)
+    }
+}
+
+/// Runs one transfer: a read-ahead task on the runtime, the protocol on a thread of its own
+/// (see [`super::blocking`]). Returns the bytes acknowledged and the outcome.
 async fn run_transfer(
-    sock: &UdpSocket,
+    sock: UdpSocket,
     peer: SocketAddr,
     params: Params,
     oack: Option<Options>,
     content: Content,
     mode: Mode,
 ) -> (u64, Result<(), String>) {
+    let wake = match super::blocking::Wake::new() {
+        Ok(w) => Arc::new(w),
+        Err(e) => return (0, Err(format!("cannot create an eventfd: {e}"))),
+    };
+    let sock = match sock.into_std() {
+        Ok(s) => s,
+        Err(e) => return (0, Err(format!("cannot take the transfer socket: {e}"))),
+    };
     let (tx, rx) = mpsc::channel(4);
-    let reader = tokio::spawn(read_ahead(content, mode, tx));
+    let reader = tokio::spawn(read_ahead(content, mode, tx, wake.clone()));
     let _abort_reader = AbortOnDrop(reader);
     let mut blocks = Blocks {
         rx,
@@ -556,100 +566,21 @@ async fn run_transfer(
         ended: false,
         final_given: false,
     };
-    let mut sender = Sender::new(params, oack, Instant::now());
-    let mut buf = vec![0u8; 65536];
-    // One timer, re-armed only when the deadline moves: creating a timer per packet costs more
-    // than the rest of the packet's handling.
-    let timer = tokio::time::sleep(Duration::from_secs(3600));
-    tokio::pin!(timer);
-    let mut armed: Option<Instant> = None;
-    let result = loop {
-        // Take every block already read, without waiting.
-        while sender.wants_data() {
-            match blocks.try_next() {
-                Ok(Some(block)) => sender.push_data(block, Instant::now()),
-                Ok(None) => break,
-                Err(e) => {
-                    break_with_source_error(sock, peer, &e).await;
-                    return (sender.bytes_acked(), Err(format!("source failed: {e}")));
-                }
-            }
-        }
-        while let Some(d) = sender.poll_transmit() {
-            if let Err(e) = sock.send_to(&d, peer).await {
-                debug!(client = %peer, "send failed: {e}");
-            }
-        }
-        match sender.status() {
-            Status::Active => {}
-            Status::Done => break Ok(()),
-            Status::PeerError {
-                quiet: true,
-                code,
-                message,
-            } => {
-                debug!(client = %peer, "client ended after OACK with ERROR {}: {message}", code.as_u16());
-                break Ok(());
-            }
-            Status::PeerError { code, message, .. } => {
-                break Err(format!("client sent ERROR {}: {message}", code.as_u16()))
-            }
-            Status::TimedOut => break Err("client stopped answering".to_string()),
-            Status::Protocol(m) => break Err(m.clone()),
-        }
-        let deadline = sender.poll_timeout();
-        if deadline != armed {
-            if let Some(d) = deadline {
-                timer.as_mut().reset(d.into());
-            }
-            armed = deadline;
-        }
-        let want = sender.wants_data();
-        tokio::select! {
-            biased;
-            r = sock.recv_from(&mut buf) => {
-                let (n, from) = match r {
-                    Ok(x) => x,
-                    Err(e) => { debug!(client = %peer, "recv: {e}"); continue; }
-                };
-                if from != peer {
-                    // RFC 1350 §4: a packet from another TID gets ERROR 5; the transfer goes on.
-                    let _ = sock.send_to(&error_bytes(ErrorCode::UnknownTid, "unknown transfer ID"), from).await;
-                    continue;
-                }
-                match Packet::decode(&buf[..n]) {
-                    Ok(p) => sender.handle(&p, Instant::now()),
-                    Err(e) => {
-                        let _ = sock.send_to(&error_bytes(ErrorCode::IllegalOperation, &e.to_string()), peer).await;
-                        break Err(format!("malformed packet from client: {e}"));
-                    }
-                }
-            }
-            b = blocks.next(), if want => {
-                match b {
-                    Ok(block) => sender.push_data(block, Instant::now()),
-                    Err(e) => {
-                        break_with_source_error(sock, peer, &e).await;
-                        return (sender.bytes_acked(), Err(format!("source failed: {e}")));
-                    }
-                }
-            }
-            _ = &mut timer, if deadline.is_some() => {
-                armed = None;
-                sender.handle_timeout(Instant::now());
-            }
-        }
-    };
-    (sender.bytes_acked(), result)
-}
-
-/// The source failed (for example a truncated upstream): the client gets an ERROR, never a
-/// short final DATA that would make a truncated file look complete.
-async fn break_with_source_error(sock: &UdpSocket, peer: SocketAddr, e: &io::Error) {
-    warn!(client = %peer, "transfer aborted: {e}");
-    let _ = sock
-        .send_to(&error_bytes(ErrorCode::NotDefined, &e.to_string()), peer)
-        .await;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("tftp-transfer".into())
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            let sender = Sender::new(params, oack, Instant::now());
+            let r = super::blocking::run(sock, peer, sender, &mut blocks, &wake);
+            let _ = done_tx.send(r);
+        });
+    if let Err(e) = spawned {
+        return (0, Err(format!("cannot start a transfer thread: {e}")));
+    }
+    done_rx
+        .await
+        .unwrap_or_else(|_| (0, Err("transfer thread died".to_string())))
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
