@@ -149,6 +149,24 @@ impl Appliance {
         serde_json::from_slice(&body).expect("/status is JSON")
     }
 
+    /// Waits until the cache holds `files` files. A client can have every byte of a miss a
+    /// moment before the flight has fsynced and published the file; until then a second request
+    /// joins the flight (a miss) instead of hitting the cache.
+    fn wait_cached(&self, files: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = self.status();
+            if st["cache"]["files"] == files {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cache never held {files} files: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits for a log line containing every one of `parts`; returns it.
     fn wait_log_line(&self, parts: &[&str]) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -312,6 +330,7 @@ async fn miss_then_hit_head_and_not_found_over_http() {
     assert_eq!(miss.http_status(), 200, "{miss}\n{}", app.log());
     miss.assert_intact(&sha);
     assert_eq!(origin.gets(name), 1);
+    app.wait_cached(1);
 
     // Hit: the same bytes, no new origin GET, also under another spelling (names are
     // case-insensitive, as for TFTP).
@@ -458,8 +477,9 @@ async fn transfer_past_max_per_client_gets_503() {
     let body = content(name, 2 * MB);
     let sha = sha256_bytes(&body);
     let origin = HttpOrigin::with_files([(name, body)]);
-    // About 1.5 s for the whole file.
-    origin.set_bandwidth(Some(1_400_000));
+    // About 3 s for the whole file: the first transfer is surely still running while the
+    // others ask, even on a loaded machine.
+    origin.set_bandwidth(Some(700_000));
     let app = Appliance::start(
         &origin.url(),
         "access:\n  allow: [\"127.0.0.0/8\"]\n  max_per_client: 1\n",
@@ -507,8 +527,8 @@ async fn one_miss_for_an_http_and_three_tftp_clients_is_one_upstream_fetch() {
     let body = content(name, size);
     let sha = sha256_bytes(&body);
     let origin = HttpOrigin::with_files([(name, body)]);
-    // The fetch lasts about a second, so every client arrives while it is in flight.
-    origin.set_bandwidth(Some(size as u64));
+    // The fetch lasts about 1.5 s, so every client arrives while it is in flight.
+    origin.set_bandwidth(Some(size as u64 * 2 / 3));
     let app = Appliance::start(&origin.url(), "");
     let out = scratch_dir();
     let [o_http, o_curl, o_hpa, o_atftp] =
@@ -584,6 +604,7 @@ async fn metrics_count_known_transfers() {
             .http_status(),
         200
     );
+    app.wait_cached(1);
     assert_eq!(
         curl_get(&app.url(name), &out.path().join("2"))
             .await
@@ -609,6 +630,14 @@ async fn metrics_count_known_transfers() {
         .assert_intact(&sha256_bytes(&content(name, size)));
 
     app.wait_metric("branchtftp_sent_bytes_total", &[("protocol", "tftp")], sz);
+    // The slots go a moment after the byte counts are added.
+    for protocol in ["http", "tftp"] {
+        app.wait_metric(
+            "branchtftp_transfers_active",
+            &[("protocol", protocol)],
+            0.0,
+        );
+    }
     let m = app.wait_metric(
         "branchtftp_sent_bytes_total",
         &[("protocol", "http")],
@@ -684,6 +713,7 @@ async fn status_shows_an_upstream_going_down() {
     // A miss served: the upstream is up, the cache holds the file.
     let ok = curl_get(&app.url("a.cnf.xml"), &out.path().join("a")).await;
     assert_eq!(ok.http_status(), 200, "{ok}");
+    app.wait_cached(1);
     let st = app.status();
     assert_eq!(st["upstreams"][0]["state"], "up", "{st}");
     assert!(st["upstreams"][0]["last_ok"].is_u64(), "{st}");
