@@ -24,6 +24,8 @@ struct Appliance {
     admin: SocketAddr,
     /// Holds the config, the cache and the log; removed on drop.
     _dir: tempfile::TempDir,
+    /// `cache.overrides`: local files that win over upstream copies.
+    overrides: PathBuf,
     log: PathBuf,
     child: Child,
 }
@@ -85,6 +87,7 @@ impl Appliance {
             http,
             admin,
             _dir: dir,
+            overrides,
             log,
             child,
         };
@@ -515,6 +518,31 @@ async fn transfer_past_max_per_client_gets_503() {
     app.wait_metric("branchtftp_transfers_active", &[("protocol", "http")], 0.0);
     let again = curl_get(&app.url(name), &out.path().join("again")).await;
     assert_eq!(again.http_status(), 200, "{again}");
+    again.assert_intact(&sha);
+}
+
+#[tokio::test]
+async fn overrides_are_served_over_http_without_asking_upstream() {
+    if !have(&["curl"]) {
+        return;
+    }
+    let name = "SEPAABBCCDDEEFF.cnf.xml";
+    let origin = HttpOrigin::with_files([(name, content(name, 1000))]);
+    let app = Appliance::start(&origin.url(), "");
+    // Larger than one read, and not a multiple of it.
+    let local = content("local", 600_001);
+    std::fs::write(app.overrides.join(name), &local).unwrap();
+    let out = scratch_dir();
+    let run = curl_get(&app.url(name), &out.path().join("o")).await;
+    assert_eq!(run.http_status(), 200, "{run}");
+    run.assert_intact(&sha256_bytes(&local));
+    let (status, head, rest) = raw_http_full(app.http, "HEAD", &format!("/{name}")).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(header(&head, "content-length"), Some("600001"), "{head}");
+    assert!(rest.is_empty());
+    assert_eq!(origin.total_requests(), 0);
+    let line = app.wait_log_line(&["transfer complete", "protocol=\"http\""]);
+    assert!(line.contains("bytes=600001"), "{line}");
 }
 
 #[tokio::test]
