@@ -219,10 +219,17 @@ pub async fn status_command(admin: &str, json: bool) -> i32 {
         eprintln!("branchtftp status: {base}/healthz is not ok");
         return 1;
     }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&st).unwrap());
+    let text = if json {
+        format!("{}\n", serde_json::to_string_pretty(&st).unwrap())
     } else {
-        print!("{}", render_status(&st));
+        render_status(&st)
+    };
+    // `print!` panics on a closed pipe (`branchtftp status | head -1`); a reader that has gone
+    // away is not an error worth reporting.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
     }
     let none_up = !st.upstreams.is_empty() && st.upstreams.iter().all(|u| u.state == "down");
     if none_up {

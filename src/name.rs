@@ -39,8 +39,9 @@ impl FileName {
             return Err(NameError::BadChar);
         }
         let unified = raw.replace('\\', "/");
-        // `C:/...` or `C:foo` is an absolute Windows path, never a phone file.
-        let bytes = unified.as_bytes();
+        // `C:/...` or `C:foo` is an absolute Windows path, never a phone file; also after the
+        // leading `/` that every HTTP path (and some TFTP clients) put in front of a name.
+        let bytes = unified.trim_start_matches('/').as_bytes();
         if bytes.len() >= 2 && bytes[1] == b':' && bytes[0].is_ascii_alphabetic() {
             return Err(NameError::Escape);
         }
@@ -99,6 +100,8 @@ mod tests {
             "..",
             "C:\\boot.ini",
             "c:foo",
+            "/C:/Windows/win.ini",
+            "//c:\\boot.ini",
         ] {
             assert_eq!(FileName::parse(bad), Err(NameError::Escape), "{bad}");
         }

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use tracing::info;
 
-use super::{Gate, Lookup, Refusal, Resolver};
+use super::{FoundBody, Gate, Lookup, Refusal, Resolver};
 use crate::name::FileName;
 
 #[derive(Clone)]
@@ -24,6 +24,46 @@ pub struct HttpFront {
 
 /// Reads are this large: few blocking-pool round trips per file.
 const CHUNK: usize = 256 * 1024;
+
+/// A file on disk (a cache hit or an override) as a body stream of `size` bytes: each piece is
+/// read on the blocking pool straight into the buffer that is sent. (Through `tokio::fs::File`
+/// every byte was copied twice in user space: into tokio's buffer, then into the body's.)
+/// `keep` lives as long as the stream (the cache's in-use mark). A file shorter than `size`
+/// ends the stream with an error, so the client never takes a short body for a whole one.
+fn disk_stream<K: Send + 'static>(
+    file: std::fs::File,
+    keep: K,
+    size: u64,
+) -> futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>> {
+    futures::stream::unfold(Some((file, keep, size)), |state| async move {
+        let (file, keep, remaining) = state?;
+        if remaining == 0 {
+            return None;
+        }
+        let want = remaining.min(CHUNK as u64);
+        let read = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            // `read_to_end` fills the spare capacity without zeroing it first.
+            let mut buf = Vec::with_capacity(want as usize);
+            let r = (&file).take(want).read_to_end(&mut buf).map(|_| buf);
+            (file, r)
+        })
+        .await;
+        match read {
+            Ok((file, Ok(buf))) if !buf.is_empty() => {
+                let left = remaining - buf.len() as u64;
+                Some((Ok(bytes::Bytes::from(buf)), Some((file, keep, left))))
+            }
+            Ok((_, Ok(_))) => Some((
+                Err(std::io::Error::other("file shorter than its size")),
+                None,
+            )),
+            Ok((_, Err(e))) => Some((Err(e), None)),
+            Err(e) => Some((Err(std::io::Error::other(e)), None)),
+        }
+    })
+    .boxed()
+}
 
 pub fn router(front: HttpFront) -> axum::Router {
     axum::Router::new().fallback(serve_file).with_state(front)
@@ -112,7 +152,14 @@ async fn serve_file(
     // follow the body's life. A failing source ends the body with an error, which aborts the
     // connection: a client never takes a truncated body for a whole one.
     let started = Instant::now();
-    let stream = tokio_util::io::ReaderStream::with_capacity(found.reader, CHUNK).boxed();
+    let stream = match (found.body, found.size) {
+        (FoundBody::Cached(f), Some(size)) => {
+            let f = *f;
+            disk_stream(f.file, f.guard, size)
+        }
+        (FoundBody::Local(f), Some(size)) => disk_stream(f, (), size),
+        (body, _) => tokio_util::io::ReaderStream::with_capacity(body.into_reader(), CHUNK).boxed(),
+    };
     let body = LoggedBody {
         inner: stream,
         client,

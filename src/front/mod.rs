@@ -105,8 +105,29 @@ impl Gate {
 /// Content found for a request, independent of the protocol that will carry it.
 pub struct Found {
     pub size: Option<u64>,
-    pub reader: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>,
+    pub body: FoundBody,
     pub origin: Origin,
+}
+
+/// Where a found file's bytes come from.
+pub enum FoundBody {
+    /// A cache hit: a complete file, kept in use (never evicted) while it is read.
+    Cached(Box<crate::cache::CachedFile>),
+    /// An override: a local file.
+    Local(std::fs::File),
+    /// A miss streaming through from an upstream.
+    Stream(std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>),
+}
+
+impl FoundBody {
+    /// An async reader, for the TFTP front end's block-sized reads (tokio's file buffers them).
+    pub fn into_reader(self) -> std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>> {
+        match self {
+            FoundBody::Cached(f) => Box::pin((*f).into_async_read()),
+            FoundBody::Local(f) => Box::pin(tokio::fs::File::from_std(f)),
+            FoundBody::Stream(r) => r,
+        }
+    }
 }
 
 /// Why a request gets no content.
@@ -130,7 +151,7 @@ impl Resolver {
                 Ok(Some((file, size))) => {
                     return Ok(Found {
                         size: Some(size),
-                        reader: Box::pin(tokio::fs::File::from_std(file)),
+                        body: FoundBody::Local(file),
                         origin: Origin::Local,
                     })
                 }
@@ -146,13 +167,13 @@ impl Resolver {
                 let source = file.entry.source.clone();
                 Ok(Found {
                     size: Some(file.entry.size),
-                    reader: Box::pin(file.into_async_read()),
+                    body: FoundBody::Cached(Box::new(file)),
                     origin: Origin::Hit { source },
                 })
             }
             Ok(Served::Miss(m)) => Ok(Found {
                 size: m.size,
-                reader: m.reader,
+                body: FoundBody::Stream(m.reader),
                 origin: Origin::Miss { source: m.source },
             }),
             Err(MissError::NotFound) => Err(Lookup::NotFound),
@@ -205,7 +226,7 @@ impl Source for TftpFront {
                 Ok(found) => Ok(Content {
                     size: found.size,
                     reader: Box::pin(Guarded {
-                        inner: found.reader,
+                        inner: found.body.into_reader(),
                         _slot: slot,
                     }),
                     origin: found.origin,
