@@ -46,8 +46,13 @@ pub enum Mode {
     PlainDirectory,
 }
 
-/// Runs the appliance in the foreground until a stop signal.
-pub async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<()> {
+/// Runs the appliance in the foreground until a stop signal. `source` is the config file to
+/// watch and reload (with the command-line overrides laid over it); `None` for embedded defaults.
+pub async fn serve(
+    cfg: Config,
+    mode: Mode,
+    source: Option<crate::reload::ConfigSource>,
+) -> anyhow::Result<()> {
     let gate = Gate::new(cfg.access.clone());
     let overrides = cfg
         .cache
@@ -86,6 +91,19 @@ pub async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<()> {
     if let Some(o) = &overrides {
         info!("serving overrides from {}", o.root().display());
     }
+    // >>> sync worker and config reload (issue 5)
+    let sync = fetcher
+        .as_ref()
+        .map(|f| crate::sync::SyncWorker::start(f.clone(), cfg.sync.clone()));
+    let _reloader = source.map(|src| {
+        let targets = crate::reload::Targets {
+            gate: gate.clone(),
+            fetcher: fetcher.clone(),
+            sync: sync.clone(),
+        };
+        crate::reload::watch(src, cfg.clone(), targets)
+    });
+    // <<< sync worker and config reload
     let resolver = Arc::new(Resolver { overrides, fetcher });
     let front = Arc::new(TftpFront { gate, resolver });
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);

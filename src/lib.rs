@@ -16,6 +16,8 @@
 //! | [`name`] | phone file names: normalization, case folding, rejection of escapes |
 //! | [`cache`] | the local store: sled index + plain files, atomic publish, recovery, quota, verify, import |
 //! | [`config`] | the YAML configuration: schema, defaults, validation with positions, `check-config` |
+//! | [`sync`] | the sync worker: known names, per-class revalidation, discovery (`.cnf.xml` → `.loads` → images), `sync --once` |
+//! | [`reload`] | live reload of the config file (notify + SIGHUP) into the running appliance |
 //! | [`manpage`] | the `branchtftp(1)` man page, generated from the CLI definition |
 
 pub mod app;
@@ -27,5 +29,7 @@ pub mod logging;
 pub mod manpage;
 pub mod name;
 pub mod overrides;
+pub mod reload;
+pub mod sync;
 pub mod tftp;
 pub mod upstream;
