@@ -113,6 +113,12 @@ impl Progress for OnceProgress {
         }
     }
 
+    fn skipped(&self) {
+        if let Some(b) = &self.bar {
+            b.inc(1);
+        }
+    }
+
     fn item(&self, name: &str, class: FileClass, outcome: &Outcome) {
         match &self.bar {
             Some(b) => {

@@ -33,7 +33,7 @@ pub fn config_refs(data: &[u8]) -> ConfigRefs {
                 }
             }
         } else if name == "userlocale" {
-            if let Some(v) = el.inner.and_then(|i| child_text(i, "name")) {
+            if let Some(v) = el.inner().and_then(|i| child_text(i, "name")) {
                 push_unique(&mut refs.user_locales, v);
             }
         } else if name == "networklocale" {
@@ -41,7 +41,7 @@ pub fn config_refs(data: &[u8]) -> ConfigRefs {
                 push_unique(&mut refs.network_locales, v);
             }
         } else if name == "networklocaleinfo" {
-            if let Some(v) = el.inner.and_then(|i| child_text(i, "name")) {
+            if let Some(v) = el.inner().and_then(|i| child_text(i, "name")) {
                 push_unique(&mut refs.network_locales, v);
             }
         }
@@ -56,15 +56,33 @@ fn push_unique(v: &mut Vec<String>, s: String) {
 }
 
 /// One start tag found by [`elements`]: its name, the text up to the next `<` (a leaf's value)
-/// and everything up to its matching end tag (for elements with children).
+/// and what follows the start tag.
 struct Element<'a> {
     name: &'a str,
     text: Option<&'a str>,
-    inner: Option<&'a str>,
+    body: &'a str,
+}
+
+/// How far an element's children may reach: the ones read here (`<userLocale>`) are small, and
+/// a bound keeps hostile input linear.
+const MAX_INNER: usize = 4096;
+
+impl<'a> Element<'a> {
+    /// Everything up to the matching end tag, if it comes within [`MAX_INNER`] bytes.
+    fn inner(&self) -> Option<&'a str> {
+        let mut end = self.body.len().min(MAX_INNER);
+        while !self.body.is_char_boundary(end) {
+            end -= 1;
+        }
+        let window = &self.body[..end];
+        find_ignore_case(window, &format!("</{}", self.name)).map(|e| &window[..e])
+    }
 }
 
 fn elements(text: &str) -> impl Iterator<Item = Element<'_>> {
     let mut pos = 0;
+    // The next `>` at or after `pos` (absolute), found once and reused: keeps `<a<a<a…` linear.
+    let mut next_gt: Option<usize> = None;
     std::iter::from_fn(move || loop {
         let start = pos + text.get(pos..)?.find('<')?;
         let after = start + 1;
@@ -77,19 +95,20 @@ fn elements(text: &str) -> impl Iterator<Item = Element<'_>> {
             continue; // `</x>`, `<?xml`, `<!--`: not a start tag
         }
         let name = &rest[..name_len];
-        let close = rest.find('>')?;
+        if next_gt.is_none_or(|g| g < after) {
+            next_gt = Some(after + rest.find('>')?);
+        }
+        let close = next_gt? - after;
         if rest[..close].ends_with('/') {
             continue; // `<x/>`: no value
         }
         let body_start = after + close + 1;
         let body = &text[body_start..];
         let text_end = body.find('<').unwrap_or(body.len());
-        let end_tag = format!("</{name}");
-        let inner = find_ignore_case(body, &end_tag).map(|e| &body[..e]);
         return Some(Element {
             name,
             text: Some(&body[..text_end]),
-            inner,
+            body,
         });
     })
 }
@@ -388,6 +407,19 @@ mod tests {
         );
         assert_eq!(device_of("XMLDefault.cnf.xml"), None);
         assert_eq!(device_of("SEPDefault.cnf.xml"), None);
+    }
+
+    #[test]
+    fn hostile_input_stays_linear() {
+        let mut soup = Vec::new();
+        for _ in 0..200_000 {
+            soup.extend_from_slice(b"<userLocale x<a");
+        }
+        let started = std::time::Instant::now();
+        let _ = config_refs(&soup);
+        let _ = config_refs(&[b'<', b'a'].repeat(1 << 20));
+        let _ = loads_images(&[b'\r'; 1 << 21]);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
     mod never_panic {

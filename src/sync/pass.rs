@@ -99,6 +99,8 @@ pub trait Progress: Send + Sync {
     /// `n` more names are planned.
     fn planned(&self, _n: u64) {}
     fn item(&self, _name: &str, _class: FileClass, _outcome: &Outcome) {}
+    /// A planned name needed nothing (already cached, or already reported in this pass).
+    fn skipped(&self) {}
 }
 
 /// Progress for background passes: changes at info, the rest at debug.
@@ -333,8 +335,9 @@ impl Syncer {
                 let settings = &settings;
                 async move {
                     let outcome = self.revalidate(&key, &name, class, settings, ctx).await;
-                    if let Some(o) = outcome {
-                        ctx.record(&name, class, &o);
+                    match outcome {
+                        Some(o) => ctx.record(&name, class, &o),
+                        None => ctx.progress.skipped(),
                     }
                 }
             })
@@ -886,7 +889,7 @@ impl Syncer {
     fn note(&self, name: &str, class: FileClass, outcome: Option<&Outcome>, ctx: &Ctx<'_>) -> bool {
         match outcome {
             None => {
-                ctx.progress.item(name, class, &Outcome::Unchanged);
+                ctx.progress.skipped();
                 true
             }
             Some(o) => {
