@@ -613,8 +613,18 @@ impl Syncer {
                     && e.source == up.url
                     && (e.validators.etag.is_some() || e.validators.last_modified.is_some())
             });
+            // RFC 9110 §13.1.3: If-None-Match makes a server ignore If-Modified-Since, so
+            // with an ETag the date would only cost bytes on every revalidation.
+            let conditional = known.map(|e| match &e.validators.etag {
+                Some(etag) => crate::cache::Validators {
+                    etag: Some(etag.clone()),
+                    last_modified: None,
+                    upstream_size: None,
+                },
+                None => e.validators.clone(),
+            });
             ctx.requests.fetch_add(1, Ordering::Relaxed);
-            match up.fetch(name, known.map(|e| &e.validators)).await {
+            match up.fetch(name, conditional.as_ref()).await {
                 Ok(Answer::NotModified) => {
                     let e = entry.expect("conditional only with an entry");
                     self.fetcher
