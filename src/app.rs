@@ -95,14 +95,12 @@ pub async fn serve(
     let sync = fetcher
         .as_ref()
         .map(|f| crate::sync::SyncWorker::start(f.clone(), cfg.sync.clone()));
-    let _reloader = source.map(|src| {
-        let targets = crate::reload::Targets {
-            gate: gate.clone(),
-            fetcher: fetcher.clone(),
-            sync: sync.clone(),
-        };
-        crate::reload::watch(src, cfg.clone(), targets)
-    });
+    let targets = crate::reload::Targets {
+        gate: gate.clone(),
+        fetcher: fetcher.clone(),
+        sync: sync.clone(),
+    };
+    let _reloader = crate::reload::watch(source, cfg.clone(), targets);
     // <<< sync worker and config reload
     let resolver = Arc::new(Resolver { overrides, fetcher });
     let front = Arc::new(TftpFront { gate, resolver });

@@ -66,8 +66,28 @@ impl Drop for Reloader {
     }
 }
 
-/// Starts watching `source.path` (and SIGHUP) on the current runtime.
-pub fn watch(source: ConfigSource, running: Config, targets: Targets) -> Reloader {
+/// Starts watching the config file (and SIGHUP) on the current runtime. Without a file
+/// (embedded defaults) SIGHUP is only logged, instead of its default action of killing us.
+pub fn watch(source: Option<ConfigSource>, running: Config, targets: Targets) -> Reloader {
+    match source {
+        Some(s) => watch_file(s, running, targets),
+        None => Reloader {
+            _watcher: None,
+            task: tokio::spawn(async {
+                let Ok(mut hup) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                else {
+                    return;
+                };
+                while hup.recv().await.is_some() {
+                    info!("SIGHUP: running on the embedded defaults; no config file to reload");
+                }
+            }),
+        },
+    }
+}
+
+fn watch_file(source: ConfigSource, running: Config, targets: Targets) -> Reloader {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let watcher = start_watcher(&source.path, tx.clone());
     let current = Arc::new(Mutex::new(running));

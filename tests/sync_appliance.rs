@@ -39,8 +39,9 @@ async fn edited_phone_config_is_served_within_interval_and_jitter() {
     })
     .await
     .unwrap_or_else(|| panic!("edit never served; log:\n{}", app.log_text()));
-    // 1 s interval + 10% jitter, plus the pass itself and the polling.
-    assert!(took < Duration::from_millis(1_800), "took {took:?}");
+    // 1 s interval + 10% jitter, plus the pass itself and the polling (curl runs), with room
+    // for a loaded CI machine.
+    assert!(took < Duration::from_millis(2_200), "took {took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,7 +143,7 @@ async fn hot_reload_changes_an_interval_and_the_access_list() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_edit_keeps_the_running_config_and_logs_the_position() {
     let origin = HttpOrigin::with_files([(SEP, phone_config(1))]);
-    let app = Appliance::start(&Setup::new(&origin.url()).sync("prefetch: []"));
+    let mut app = Appliance::start(&Setup::new(&origin.url()).sync("prefetch: []"));
     assert!(app.get(SEP).await.is_some());
 
     // Would deny us if any of it were applied; the bad duration makes the whole file invalid.
@@ -173,6 +174,18 @@ async fn broken_edit_keeps_the_running_config_and_logs_the_position() {
     assert!(c >= 1);
     // The old access list still admits us.
     assert!(app.get(SEP).await.is_some(), "old config not kept");
+
+    // SIGHUP reloads too: the file is still broken, so again nothing changes.
+    let errors = app.log_text().matches("configuration not reloaded").count();
+    app.hangup();
+    within(Duration::from_secs(5), || async {
+        app.log_text().matches("configuration not reloaded").count() > errors
+    })
+    .await
+    .unwrap_or_else(|| panic!("SIGHUP did not reload:\n{}", app.log_text()));
+    assert!(app.log_text().contains("SIGHUP: reloading"));
+    assert!(app.alive());
+    assert!(app.get(SEP).await.is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -329,6 +329,10 @@ fn log_report(r: &PassReport, classes: &[FileClass]) {
         r.duration.as_millis()
     );
     match r.result {
+        // A routine pass that changed nothing is not worth a journal line every few minutes.
+        PassResult::Ok if t.updated + t.fetched + t.removed == 0 => {
+            tracing::debug!(classes = ?classes, "{msg}")
+        }
         PassResult::Ok => info!(classes = ?classes, "{msg}"),
         PassResult::NoUpstreams => info!("sync: no upstream configured; nothing to sync"),
         _ => {

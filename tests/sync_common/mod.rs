@@ -130,6 +130,18 @@ impl Appliance {
         write_atomically(&self.config, &edit(text));
     }
 
+    /// Sends SIGHUP (reload the config).
+    pub fn hangup(&self) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
+        assert_eq!(rc, 0);
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     pub fn overrides(&self) -> PathBuf {
         self.dir.path().join("overrides")
     }
