@@ -51,8 +51,13 @@ pub enum Mode {
     PlainDirectory,
 }
 
-/// Runs the appliance in the foreground until a stop signal.
-pub async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<()> {
+/// Runs the appliance in the foreground until a stop signal. `source` is the config file to
+/// watch and reload (with the command-line overrides laid over it); `None` for embedded defaults.
+pub async fn serve(
+    cfg: Config,
+    mode: Mode,
+    source: Option<crate::reload::ConfigSource>,
+) -> anyhow::Result<()> {
     let gate = Gate::new(cfg.access.clone());
     let overrides = cfg
         .cache
@@ -91,6 +96,17 @@ pub async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<()> {
     if let Some(o) = &overrides {
         info!("serving overrides from {}", o.root().display());
     }
+    // >>> sync worker and config reload (issue 5)
+    let sync = fetcher
+        .as_ref()
+        .map(|f| crate::sync::SyncWorker::start(f.clone(), cfg.sync.clone()));
+    let targets = crate::reload::Targets {
+        gate: gate.clone(),
+        fetcher: fetcher.clone(),
+        sync: sync.clone(),
+    };
+    let _reloader = crate::reload::watch(source, cfg.clone(), targets);
+    // <<< sync worker and config reload
     let resolver = Arc::new(Resolver {
         overrides,
         fetcher: fetcher.clone(),
@@ -112,7 +128,9 @@ pub async fn serve(cfg: Config, mode: Mode) -> anyhow::Result<()> {
                 started: std::time::Instant::now(),
                 gate: gate.clone(),
                 fetcher: fetcher.clone(),
-                sync: None,
+                sync: sync
+                    .clone()
+                    .map(|s| Arc::new(s) as Arc<dyn crate::admin::SyncControl>),
             });
             let listener = bind_tcp(addr).with_context(|| format!("admin listen {addr}"))?;
             info!("admin endpoint on http://{}", listener.local_addr()?);

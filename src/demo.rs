@@ -224,35 +224,6 @@ async fn start_fronts(
     Ok((http_addr, tftp_addr))
 }
 
-/// Pulls `<tag>…</tag>` text out of a config (the demo's own files; the sync worker has the
-/// full parser).
-fn element(xml: &str, tag: &str) -> Option<String> {
-    let start = xml.find(&format!("<{tag}>"))? + tag.len() + 2;
-    let end = xml[start..].find(&format!("</{tag}>"))? + start;
-    Some(xml[start..end].trim().to_string())
-}
-
-/// Image names of a `.loads` file: the CRLF text after the binary header.
-fn images_of(loads: &[u8]) -> Vec<String> {
-    let text = match loads.windows(2).position(|w| w == b"\r\n") {
-        // The text starts after the last 0x0D padding byte that precedes the first line.
-        Some(first_crlf) => {
-            let start = loads[..first_crlf]
-                .iter()
-                .rposition(|&b| b == 0x0D || b == 0)
-                .map(|i| i + 1)
-                .unwrap_or(0);
-            String::from_utf8_lossy(&loads[start..]).into_owned()
-        }
-        None => String::new(),
-    };
-    text.split("\r\n")
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| l.split_whitespace().next().unwrap_or(l).to_string())
-        .collect()
-}
-
 /// One phone's boot over HTTP (as 9.3+ firmware does, file by file), in the order phones ask.
 /// Returns the files it received with their sha256.
 async fn boot_phone(
@@ -290,14 +261,14 @@ async fn boot_phone(
         .await?
         .with_context(|| format!("{cfg_name} missing"))?;
     got.push((cfg_name, hex::encode(Sha256::digest(&cfg))));
-    let cfg = String::from_utf8_lossy(&cfg).into_owned();
-    let load = element(&cfg, "loadInformation").context("no loadInformation")?;
+    let refs = crate::sync::parse::config_refs(&cfg);
+    let load = refs.loads.first().cloned().context("no loadInformation")?;
     let loads_name = format!("{load}.loads");
     let loads = get(loads_name.clone())
         .await?
         .with_context(|| format!("{loads_name} missing"))?;
     got.push((loads_name, hex::encode(Sha256::digest(&loads))));
-    for img in images_of(&loads) {
+    for img in crate::sync::parse::loads_images(&loads) {
         let b = get(img.clone())
             .await?
             .with_context(|| format!("{img} missing"))?;
@@ -481,7 +452,7 @@ mod tests {
 
     #[test]
     fn loads_images_are_found_after_the_binary_header() {
-        let imgs = images_of(&loads_file(&MODELS[0]));
+        let imgs = crate::sync::parse::loads_images(&loads_file(&MODELS[0]));
         let want: Vec<String> = MODELS[0]
             .images
             .iter()

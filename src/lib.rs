@@ -21,6 +21,8 @@
 //! | [`admin`] | `/healthz`, `/status`, `/metrics`, `POST /sync`, and the `status` command |
 //! | [`metrics`] | the Prometheus registry every part counts into |
 //! | [`config`] | the YAML configuration: schema, defaults, validation with positions, `check-config` |
+//! | [`sync`] | the sync worker: known names, per-class revalidation, discovery (`.cnf.xml` → `.loads` → images), `sync --once` |
+//! | [`reload`] | live reload of the config file (notify + SIGHUP) into the running appliance |
 //! | [`app`] | wiring and lifecycle of `serve`: start, signals, graceful stop |
 //! | [`demo`] | `branchtftp demo`: sample central server, simulated WAN, phones booting direct/cold/warm |
 //! | [`get`] | the `get` command: a TFTP/HTTP download with stats |
@@ -40,6 +42,8 @@ pub mod manpage;
 pub mod metrics;
 pub mod name;
 pub mod overrides;
+pub mod reload;
+pub mod sync;
 pub mod tftp;
 pub mod upstream;
 pub mod wan;

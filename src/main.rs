@@ -84,6 +84,10 @@ enum Command {
     },
     /// Inspect and manage the cache: ls, verify, import DIR, evict NAME.
     Cache(branchtftp::cache::cli::CacheArgs),
+    /// One full sync pass now (pre-seed a new box), with progress, then a summary table.
+    ///
+    /// Exit 0 when the central server answered, 1 when it was unreachable, 2 on a setup problem.
+    Sync(branchtftp::sync::cli::SyncArgs),
     /// Download one file: tftp://HOST[:PORT]/NAME or http://HOST:PORT/NAME.
     Get {
         url: String,
@@ -170,6 +174,16 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Command::Sync(args) => {
+            branchtftp::logging::init(branchtftp::config::LogLevel::Warn);
+            return match runtime().and_then(|rt| rt.block_on(branchtftp::sync::cli::run(&args))) {
+                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Err(e) => {
+                    eprintln!("branchtftp: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Command::Serve {
             config,
             listen,
@@ -179,34 +193,44 @@ fn main() -> ExitCode {
         } => (|| {
             let located = Config::locate(config.as_deref());
             let mut cfg = load_config(config.as_deref())?;
-            if !listen.is_empty() {
-                cfg.tftp.listen = listen;
-            }
             let plain =
                 root.is_some() && located.is_none() && upstream.is_empty() && cache_dir.is_none();
-            if !upstream.is_empty() {
-                cfg.upstreams = upstream
-                    .into_iter()
-                    .map(|url| branchtftp::config::UpstreamConfig {
-                        url,
-                        timeout: Duration::from_secs(10),
-                    })
-                    .collect();
-            }
-            if let Some(dir) = cache_dir {
-                cfg.cache.dir = dir;
-            }
-            if let Some(root) = root {
+            if let Some(root) = &root {
                 anyhow::ensure!(root.is_dir(), "--root {}: not a directory", root.display());
-                cfg.cache.overrides = root;
             }
+            // The flags win over the file, now and at every reload.
+            let overlay = move |cfg: &mut branchtftp::config::Config| {
+                if !listen.is_empty() {
+                    cfg.tftp.listen = listen.clone();
+                }
+                if !upstream.is_empty() {
+                    cfg.upstreams = upstream
+                        .iter()
+                        .map(|url| branchtftp::config::UpstreamConfig {
+                            url: url.clone(),
+                            timeout: Duration::from_secs(10),
+                        })
+                        .collect();
+                }
+                if let Some(dir) = &cache_dir {
+                    cfg.cache.dir = dir.clone();
+                }
+                if let Some(root) = &root {
+                    cfg.cache.overrides = root.clone();
+                }
+            };
+            overlay(&mut cfg);
+            let source = located.map(|path| branchtftp::reload::ConfigSource {
+                path,
+                overlay: std::sync::Arc::new(overlay),
+            });
             branchtftp::logging::init(cfg.log);
             let mode = if plain {
                 branchtftp::app::Mode::PlainDirectory
             } else {
                 branchtftp::app::Mode::Appliance
             };
-            runtime()?.block_on(branchtftp::app::serve(cfg, mode))
+            runtime()?.block_on(branchtftp::app::serve(cfg, mode, source))
         })(),
         Command::Get {
             url,

@@ -600,6 +600,42 @@ impl Cache {
         Ok(())
     }
 
+    /// Records a revalidation in memory only; it reaches the index with the usage counters
+    /// (every few seconds). For the sync worker's bulk revalidations, where an fsync per file
+    /// would dominate a pass: a record lost to a crash only costs one unconditional fetch.
+    pub fn note_validated(&self, key: &str, v: Validators) {
+        let mut st = self.inner.state();
+        if let Some(e) = st.entries.get_mut(key) {
+            e.validated_at = now_millis();
+            if !v.is_empty() {
+                e.validators = v;
+            }
+            st.dirty.insert(key.to_string());
+        }
+    }
+
+    /// Reads a cached file whole without counting a hit (the sync worker reading the configs
+    /// and `.loads` lists it follows). `Ok(None)` when not cached.
+    pub fn read_quiet(&self, key: &str) -> Result<Option<(Entry, Vec<u8>)>, CacheError> {
+        let (entry, mut file) = {
+            let st = self.inner.state();
+            let Some(e) = st.entries.get(key) else {
+                return Ok(None);
+            };
+            // Opened under the state lock, like `open_file`: the entry describes this inode.
+            let path = self.inner.layout.file_path(key);
+            match File::open(&path) {
+                Ok(f) => (e.clone(), f),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(CacheError::Io { path, source: e }),
+            }
+        };
+        let mut buf = Vec::with_capacity(entry.size as usize);
+        io::Read::read_to_end(&mut file, &mut buf)
+            .map_err(CacheError::io(self.inner.layout.file_path(key)))?;
+        Ok(Some((entry, buf)))
+    }
+
     /// Evicts least recently used files until under quota; returns the evicted keys.
     pub fn enforce_quota(&self) -> Result<Vec<String>, CacheError> {
         self.inner.enforce_quota(None)

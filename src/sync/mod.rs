@@ -1,0 +1,361 @@
+//! The sync worker: keeps the config, defaults, locale and firmware files of the cache fresh, and
+//! fetches what phones will need before they ask.
+//!
+//! It knows a set of names (`sync.prefetch`; every name a phone asked for that an upstream had,
+//! learned through [`Fetcher::set_on_found`]; the configs `ConfigFileCacheList.txt` lists) and
+//! revalidates each class on its own schedule (`sync.intervals`, ±10% jitter so a hundred
+//! branches do not hit the central server in the same second). After each pass it follows the
+//! current configs to their firmware and locale files ([`parse`]). It is just another user of
+//! the cache and the upstream chain: it publishes through the cache like the miss path, and
+//! its downloads are paced by `sync.max_rate` while misses are not.
+//!
+//! [`SyncWorker::start`] runs it in the appliance and returns a [`SyncHandle`] for the admin
+//! endpoint (status, `POST /sync`) and for reloads; [`cli`] is `branchtftp sync --once`.
+
+pub mod cli;
+mod known;
+pub mod parse;
+mod pass;
+mod throttle;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::Rng;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+pub use known::{KnownName, Reason};
+pub use pass::{
+    class_index, interval_of, LogProgress, Outcome, PassReport, PassResult, Progress, Scope, Tally,
+    CLASSES,
+};
+
+use crate::cache::FileClass;
+use crate::config::SyncConfig;
+use crate::name::FileName;
+use crate::upstream::flight::Fetcher;
+use known::KnownNames;
+use parse::ConfigRefs;
+use throttle::Throttle;
+
+/// What a pass works with; shared by the background worker and `sync --once`.
+pub struct Syncer {
+    fetcher: Arc<Fetcher>,
+    settings: RwLock<SyncConfig>,
+    known: Mutex<KnownNames>,
+    throttle: Throttle,
+    /// Parsed configs by content hash, so an unchanged config is not parsed every pass.
+    memo: Mutex<HashMap<String, Arc<ConfigRefs>>>,
+    /// Names a config points at that no upstream had, until when to not ask again.
+    absent: Mutex<HashMap<String, Instant>>,
+}
+
+impl Syncer {
+    /// A syncer over the fetcher's cache and chain; loads the known names kept in the cache
+    /// directory.
+    pub fn new(fetcher: Arc<Fetcher>, settings: SyncConfig) -> Arc<Syncer> {
+        let known = KnownNames::load(fetcher.cache().dir());
+        Arc::new(Syncer {
+            throttle: Throttle::new(settings.max_rate),
+            settings: RwLock::new(settings),
+            fetcher,
+            known: Mutex::new(known),
+            memo: Mutex::new(HashMap::new()),
+            absent: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn fetcher(&self) -> &Arc<Fetcher> {
+        &self.fetcher
+    }
+
+    /// Applies a reloaded `sync` section (intervals, prefetch, rate, …).
+    pub fn reconfigure(&self, settings: SyncConfig) {
+        self.throttle.set_rate(settings.max_rate);
+        *self.settings.write().unwrap() = settings;
+        self.absent.lock().unwrap().clear();
+    }
+
+    pub fn settings(&self) -> SyncConfig {
+        self.settings.read().unwrap().clone()
+    }
+
+    /// A phone asked for `name` and an upstream had it. `true` if discovery should look at it
+    /// soon (a config: its firmware is what the phone asks for next).
+    pub fn learn_from_phone(&self, name: &FileName) -> bool {
+        self.known.lock().unwrap().learn(name, Reason::Phone);
+        let base = name.key().rsplit('/').next().unwrap_or("");
+        base.contains(".cnf.xml")
+    }
+
+    /// Number of names kept fresh.
+    pub fn known_count(&self) -> usize {
+        self.known.lock().unwrap().names.len()
+    }
+
+    /// The known names (key, entry), sorted by key.
+    pub fn known_names(&self) -> Vec<(String, KnownName)> {
+        let k = self.known.lock().unwrap();
+        k.names
+            .iter()
+            .map(|(a, b)| (a.clone(), b.clone()))
+            .collect()
+    }
+
+    /// Writes the known names to the cache directory if they changed.
+    pub fn save_known(&self) {
+        self.known.lock().unwrap().save();
+    }
+}
+
+/// What `/status` shows of the sync worker.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SyncStatus {
+    /// Unix seconds when the last pass ended.
+    pub last_pass: Option<u64>,
+    /// Unix seconds when the next scheduled pass is due.
+    pub next_pass: Option<u64>,
+    /// `ok`, `partial`, `unreachable`, `no-upstreams`; `never` before the first pass.
+    pub last_result: String,
+    /// Whether a pass is running now.
+    pub running: bool,
+    /// Names kept fresh.
+    pub known_names: usize,
+}
+
+#[derive(Debug, Default)]
+struct StatusState {
+    last_pass: Option<u64>,
+    next_pass: Option<u64>,
+    last_result: Option<PassResult>,
+    running: bool,
+    passes: HashMap<&'static str, u64>,
+    last_report: Option<PassReport>,
+}
+
+struct WorkerState {
+    status: Mutex<StatusState>,
+    wake: Notify,
+    full_requested: AtomicBool,
+    discover_requested: AtomicBool,
+    rescheduled: AtomicBool,
+}
+
+/// The running worker, for the admin endpoint and reloads. Cheap to clone.
+#[derive(Clone)]
+pub struct SyncHandle {
+    syncer: Arc<Syncer>,
+    state: Arc<WorkerState>,
+}
+
+impl SyncHandle {
+    pub fn status(&self) -> SyncStatus {
+        let s = self.state.status.lock().unwrap();
+        SyncStatus {
+            last_pass: s.last_pass,
+            next_pass: s.next_pass,
+            last_result: s
+                .last_result
+                .map_or("never", PassResult::as_str)
+                .to_string(),
+            running: s.running,
+            known_names: self.syncer.known_count(),
+        }
+    }
+
+    /// Starts a full pass now (`POST /sync`); one already running finishes first.
+    pub fn trigger(&self) {
+        self.state.full_requested.store(true, Ordering::SeqCst);
+        self.state.wake.notify_one();
+    }
+
+    /// Passes so far by result, every result listed (`branchtftp_sync_passes_total{result}`).
+    pub fn passes(&self) -> Vec<(&'static str, u64)> {
+        let s = self.state.status.lock().unwrap();
+        PassResult::ALL
+            .iter()
+            .map(|r| (r.as_str(), s.passes.get(r.as_str()).copied().unwrap_or(0)))
+            .collect()
+    }
+
+    /// The report of the last pass.
+    pub fn last_report(&self) -> Option<PassReport> {
+        self.state.status.lock().unwrap().last_report.clone()
+    }
+
+    /// Applies a reloaded `sync` section; schedules follow the new intervals at once.
+    pub fn reconfigure(&self, settings: SyncConfig) {
+        self.syncer.reconfigure(settings);
+        self.state.rescheduled.store(true, Ordering::SeqCst);
+        self.state.wake.notify_one();
+    }
+
+    pub fn syncer(&self) -> &Arc<Syncer> {
+        &self.syncer
+    }
+}
+
+/// Starts the background worker.
+pub struct SyncWorker;
+
+impl SyncWorker {
+    /// Starts the worker on the current tokio runtime: a full pass now, then each class on its
+    /// interval. Registers with the fetcher to learn the names phones fetch.
+    pub fn start(fetcher: Arc<Fetcher>, settings: SyncConfig) -> SyncHandle {
+        let syncer = Syncer::new(fetcher.clone(), settings);
+        let state = Arc::new(WorkerState {
+            status: Mutex::new(StatusState::default()),
+            wake: Notify::new(),
+            full_requested: AtomicBool::new(false),
+            discover_requested: AtomicBool::new(false),
+            rescheduled: AtomicBool::new(false),
+        });
+        {
+            let syncer = Arc::downgrade(&syncer);
+            let state = Arc::downgrade(&state);
+            fetcher.set_on_found(Arc::new(move |name, _source| {
+                let (Some(syncer), Some(state)) = (syncer.upgrade(), state.upgrade()) else {
+                    return;
+                };
+                if syncer.learn_from_phone(name) {
+                    state.discover_requested.store(true, Ordering::SeqCst);
+                }
+                // Wake the loop either way so the new name is saved soon.
+                state.wake.notify_one();
+            }));
+        }
+        let handle = SyncHandle { syncer, state };
+        tokio::spawn(run(handle.clone()));
+        handle
+    }
+}
+
+/// An interval with ±10% random jitter.
+pub fn jittered(d: Duration) -> Duration {
+    d.mul_f64(rand::thread_rng().gen_range(0.9..=1.1))
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn run(h: SyncHandle) {
+    let now = Instant::now();
+    let mut last_run: [Instant; 5] = [now; 5];
+    let mut due: [Instant; 5] = [now; 5];
+    let mut first = true;
+    loop {
+        if h.state.rescheduled.swap(false, Ordering::SeqCst) {
+            let s = h.syncer.settings();
+            for (i, c) in CLASSES.iter().enumerate() {
+                due[i] = last_run[i] + jittered(interval_of(&s, *c));
+            }
+        }
+        let now = Instant::now();
+        let full =
+            std::mem::take(&mut first) | h.state.full_requested.swap(false, Ordering::SeqCst);
+        let classes: Vec<FileClass> = CLASSES
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| full || due[*i] <= now)
+            .map(|(_, c)| *c)
+            .collect();
+        let discover = h.state.discover_requested.swap(false, Ordering::SeqCst);
+        if !classes.is_empty() {
+            let scope = if full {
+                Scope::Full
+            } else {
+                Scope::Classes(classes.clone())
+            };
+            h.state.status.lock().unwrap().running = true;
+            let report = h.syncer.pass(scope, &LogProgress).await;
+            log_report(&report, &classes);
+            let s = h.syncer.settings();
+            let ended = Instant::now();
+            for c in &classes {
+                let i = class_index(*c);
+                last_run[i] = ended;
+                due[i] = ended + jittered(interval_of(&s, *c));
+            }
+            let mut st = h.state.status.lock().unwrap();
+            st.running = false;
+            st.last_pass = Some(unix_secs(SystemTime::now()));
+            st.last_result = Some(report.result);
+            *st.passes.entry(report.result.as_str()).or_insert(0) += 1;
+            crate::metrics::global().sync_pass(report.result.as_str());
+            st.last_report = Some(report);
+        } else if discover {
+            let report = h.syncer.pass(Scope::DiscoverOnly, &LogProgress).await;
+            if report.total().fetched > 0 {
+                info!(
+                    fetched = report.total().fetched,
+                    bytes = report.total().bytes,
+                    "sync: prefetched what a new config names"
+                );
+            }
+        }
+        h.syncer.save_known();
+        let next = *due.iter().min().expect("five classes");
+        {
+            let wait = next.saturating_duration_since(Instant::now());
+            h.state.status.lock().unwrap().next_pass = Some(unix_secs(SystemTime::now() + wait));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(next.into()) => {}
+            _ = h.state.wake.notified() => {}
+        }
+    }
+}
+
+fn log_report(r: &PassReport, classes: &[FileClass]) {
+    let t = r.total();
+    let classes: Vec<&str> = classes.iter().map(|c| c.as_str()).collect();
+    let msg = format!(
+        "sync pass {}: {} checked, {} unchanged, {} updated, {} fetched, {} not found, {} removed, {} failed; {} bytes from upstreams in {} requests, {} ms",
+        r.result.as_str(),
+        t.checked,
+        t.unchanged,
+        t.updated,
+        t.fetched,
+        t.not_found,
+        t.removed,
+        t.failed,
+        r.wan_bytes,
+        r.requests,
+        r.duration.as_millis()
+    );
+    match r.result {
+        // A routine pass that changed nothing is not worth a journal line every few minutes.
+        PassResult::Ok if t.updated + t.fetched + t.removed == 0 => {
+            tracing::debug!(classes = ?classes, "{msg}")
+        }
+        PassResult::Ok => info!(classes = ?classes, "{msg}"),
+        PassResult::NoUpstreams => info!("sync: no upstream configured; nothing to sync"),
+        _ => {
+            warn!(classes = ?classes, "{msg}");
+            for p in r.problems.iter().take(5) {
+                warn!("sync: {p}");
+            }
+        }
+    }
+}
+
+impl crate::admin::SyncControl for SyncHandle {
+    fn status(&self) -> crate::admin::SyncStatus {
+        let s = SyncHandle::status(self);
+        crate::admin::SyncStatus {
+            last_pass: s.last_pass,
+            next_pass: s.next_pass,
+            last_result: Some(s.last_result),
+        }
+    }
+
+    fn trigger(&self) {
+        SyncHandle::trigger(self)
+    }
+}
