@@ -61,7 +61,7 @@ impl Appliance {
              admin:\n  listen: \"{admin}\"\n\
              cache:\n  dir: {cache}\n  overrides: {overrides}\n\
              upstreams:\n  - url: {upstream_url}\n    timeout: 2s\n\
-             sync:\n  prefetch: []\n\
+             sync:\n  prefetch: []\n  config_list: false\n  discover: false\n\
              {access_yaml}",
             cache = dir.path().join("cache").display(),
             overrides = overrides.display(),

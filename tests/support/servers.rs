@@ -131,7 +131,13 @@ impl TftpdHpa {
 
     /// On a given loopback address, e.g. `::1`.
     pub fn start_on(root: &Path, ip: IpAddr) -> Self {
+        Self::start_with(root, ip, &[])
+    }
+
+    /// With extra `in.tftpd` arguments, e.g. `["-r", "blksize"]` to refuse an option.
+    pub fn start_with(root: &Path, ip: IpAddr, extra: &[&str]) -> Self {
         make_world_readable(root);
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let bin = std::env::var("TFTPD_HPA").unwrap_or_else(|_| "in.tftpd".into());
         let root = root.to_path_buf();
         let (addr, process) = start_tftp_server("tftpd-hpa", ip, |port| {
@@ -141,7 +147,8 @@ impl TftpdHpa {
                 .arg(SocketAddr::new(ip, port).to_string())
                 .arg("-s")
                 .arg(&root)
-                .args(["-u", "nobody"]);
+                .args(["-u", "nobody"])
+                .args(&extra);
             c
         });
         TftpdHpa { addr, process }
