@@ -96,6 +96,9 @@ pub struct TransferReport {
     pub name: String,
     pub bytes: u64,
     pub duration: Duration,
+    /// From the request to the first DATA block sent: what a phone waits on a miss while the
+    /// upstream answers. `None` when no DATA was sent.
+    pub first_data: Option<Duration>,
     /// `None` when the request failed before any content was opened.
     pub origin: Option<Origin>,
     pub outcome: Result<(), String>,
@@ -262,6 +265,7 @@ async fn handle_request<S: Source + ?Sized>(
     peer: SocketAddr,
     data: &[u8],
 ) {
+    let started = Instant::now();
     let pkt = match Packet::decode(data) {
         Ok(p) => p,
         Err(e) => {
@@ -336,7 +340,6 @@ async fn handle_request<S: Source + ?Sized>(
         }
     };
     drop(listener);
-    let started = Instant::now();
     let name = match FileName::parse(&filename) {
         Ok(n) => n,
         Err(e) => {
@@ -370,6 +373,7 @@ async fn handle_request<S: Source + ?Sized>(
                 name: name.to_string(),
                 bytes: 0,
                 duration: started.elapsed(),
+                first_data: None,
                 origin: None,
                 outcome: Err(e.to_string()),
             });
@@ -379,12 +383,13 @@ async fn handle_request<S: Source + ?Sized>(
     let origin = content.origin.clone();
     let (params, oack) = negotiate(cfg, &options, mode, content.size);
     let outcome = run_transfer(&sock, peer, params, oack, content, mode).await;
-    let (bytes, result) = outcome;
+    let (bytes, first_data, result) = outcome;
     source.finished(&TransferReport {
         client: peer,
         name: name.to_string(),
         bytes,
         duration: started.elapsed(),
+        first_data: first_data.map(|t| t.saturating_duration_since(started)),
         origin: Some(origin),
         outcome: result,
     });
@@ -465,7 +470,12 @@ async fn read_ahead(mut content: Content, mode: Mode, tx: mpsc::Sender<Chunk>) {
             return;
         }
     }
-    let _ = tx.send(Chunk::End).await;
+    if tx.send(Chunk::End).await.is_ok() {
+        // A small file is read whole long before its last block is acknowledged. Hold the
+        // content until the transfer is over: whatever it carries (the admission slot, the
+        // open cache file) belongs to the transfer, not to the read-ahead.
+        tx.closed().await;
+    }
 }
 
 /// Cuts read-ahead chunks into blocks of exactly `blksize` bytes; the final block is shorter,
@@ -537,7 +547,8 @@ impl Blocks {
     }
 }
 
-/// Drives one [`Sender`] over its socket. Returns the bytes acknowledged and the outcome.
+/// Drives one [`Sender`] over its socket. Returns the bytes acknowledged, when the first DATA
+/// went out, and the outcome.
 async fn run_transfer(
     sock: &UdpSocket,
     peer: SocketAddr,
@@ -545,7 +556,7 @@ async fn run_transfer(
     oack: Option<Options>,
     content: Content,
     mode: Mode,
-) -> (u64, Result<(), String>) {
+) -> (u64, Option<Instant>, Result<(), String>) {
     let (tx, rx) = mpsc::channel(4);
     let reader = tokio::spawn(read_ahead(content, mode, tx));
     let _abort_reader = AbortOnDrop(reader);
@@ -563,6 +574,7 @@ async fn run_transfer(
     let timer = tokio::time::sleep(Duration::from_secs(3600));
     tokio::pin!(timer);
     let mut armed: Option<Instant> = None;
+    let mut first_data: Option<Instant> = None;
     let result = loop {
         // Take every block already read, without waiting.
         while sender.wants_data() {
@@ -571,11 +583,18 @@ async fn run_transfer(
                 Ok(None) => break,
                 Err(e) => {
                     break_with_source_error(sock, peer, &e).await;
-                    return (sender.bytes_acked(), Err(format!("source failed: {e}")));
+                    return (
+                        sender.bytes_acked(),
+                        first_data,
+                        Err(format!("source failed: {e}")),
+                    );
                 }
             }
         }
         while let Some(d) = sender.poll_transmit() {
+            if first_data.is_none() && d.starts_with(&[0, 3]) {
+                first_data = Some(Instant::now());
+            }
             if let Err(e) = sock.send_to(&d, peer).await {
                 debug!(client = %peer, "send failed: {e}");
             }
@@ -630,7 +649,11 @@ async fn run_transfer(
                     Ok(block) => sender.push_data(block, Instant::now()),
                     Err(e) => {
                         break_with_source_error(sock, peer, &e).await;
-                        return (sender.bytes_acked(), Err(format!("source failed: {e}")));
+                        return (
+                            sender.bytes_acked(),
+                            first_data,
+                            Err(format!("source failed: {e}")),
+                        );
                     }
                 }
             }
@@ -640,7 +663,7 @@ async fn run_transfer(
             }
         }
     };
-    (sender.bytes_acked(), result)
+    (sender.bytes_acked(), first_data, result)
 }
 
 /// The source failed (for example a truncated upstream): the client gets an ERROR, never a
