@@ -477,7 +477,7 @@ async fn silent_tftp_central_is_skipped_within_its_timeout_and_at_once_while_unh
     let wan = WanRelay::udp(central.addr, WanLink::new(Duration::from_millis(10)));
     broken_central_is_skipped(
         format!("tftp://{}", wan.addr()),
-        Duration::from_secs(2),
+        Duration::from_millis(1500),
         "blackholed TFTP central",
         || wan.blackhole(),
     )
