@@ -781,7 +781,7 @@ async fn every_upstream_unreachable_serves_cache_whatever_its_age_and_fails_miss
 // --- TFTP upstreams with and without windowsize ---------------------------------------------
 
 async fn tftp_upstream_works(upstream: SocketAddr, files: &TestFiles, name: &str) -> (u64, u64) {
-    let wan = WanRelay::udp(upstream, WanLink::new(Duration::from_millis(5)));
+    let wan = WanRelay::udp(upstream, WanLink::new(Duration::from_millis(1)));
     let branch = Branch::start(&[(format!("tftp://{}", wan.addr()), "5s")], "");
     let run = phone_get(branch.addr, name, Some(1428), Duration::from_secs(2)).await;
     let data = run
