@@ -260,6 +260,8 @@ impl Source for TftpFront {
                 },
             );
         }
+        // Absent (not 0) when no DATA went out, so a log search for slow first blocks is exact.
+        let first_data_ms = r.first_data.map(|t| t.as_millis() as u64);
         let (result, source) = match &r.origin {
             Some(o) => (o.result(), o.source().to_string()),
             None => ("none", String::from("-")),
@@ -267,13 +269,13 @@ impl Source for TftpFront {
         match &r.outcome {
             Ok(()) => info!(
                 client = %r.client, name = %r.name, protocol = "tftp", bytes = r.bytes,
-                duration_ms = r.duration.as_millis() as u64, result, source = %source,
-                "transfer complete"
+                duration_ms = r.duration.as_millis() as u64, first_data_ms, result,
+                source = %source, "transfer complete"
             ),
             Err(e) => info!(
                 client = %r.client, name = %r.name, protocol = "tftp", bytes = r.bytes,
-                duration_ms = r.duration.as_millis() as u64, result, source = %source,
-                "transfer failed: {e}"
+                duration_ms = r.duration.as_millis() as u64, first_data_ms, result,
+                source = %source, "transfer failed: {e}"
             ),
         }
     }

@@ -107,15 +107,18 @@ fn wait(sock: &UdpSocket, wake: Option<&Wake>, deadline: Option<Instant>) -> io:
 }
 
 /// Runs the transfer to its end. `sock` must be non-blocking. Returns the bytes the client
-/// acknowledged and the outcome.
+/// acknowledged, when the first DATA went out, and the outcome.
 pub fn run(
     sock: UdpSocket,
     peer: SocketAddr,
     mut sender: Sender,
     blocks: &mut dyn BlockSource,
     wake: &Wake,
-) -> (u64, Result<(), String>) {
-    let mut buf = vec![0u8; 65536];
+) -> (u64, Option<Instant>, Result<(), String>) {
+    // Clients send ACKs and ERRORs: a few hundred bytes at most. Anything longer is garbage and
+    // is answered as such after truncation.
+    let mut buf = vec![0u8; 4096];
+    let mut first_data: Option<Instant> = None;
     let send = |d: &[u8], to: SocketAddr| {
         // A full send buffer drops the datagram; the retransmission timer recovers it.
         if let Err(e) = sock.send_to(d, to) {
@@ -137,6 +140,9 @@ pub fn run(
             }
         }
         while let Some(d) = sender.poll_transmit() {
+            if first_data.is_none() && d.starts_with(&[0, 3]) {
+                first_data = Some(Instant::now());
+            }
             send(&d, peer);
         }
         match sender.status() {
@@ -197,5 +203,5 @@ pub fn run(
             sender.handle_timeout(Instant::now());
         }
     };
-    (sender.bytes_acked(), result)
+    (sender.bytes_acked(), first_data, result)
 }

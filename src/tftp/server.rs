@@ -96,6 +96,9 @@ pub struct TransferReport {
     pub name: String,
     pub bytes: u64,
     pub duration: Duration,
+    /// From the request to the first DATA block sent: what a phone waits on a miss while the
+    /// upstream answers. `None` when no DATA was sent.
+    pub first_data: Option<Duration>,
     /// `None` when the request failed before any content was opened.
     pub origin: Option<Origin>,
     pub outcome: Result<(), String>,
@@ -262,6 +265,7 @@ async fn handle_request<S: Source + ?Sized>(
     peer: SocketAddr,
     data: &[u8],
 ) {
+    let started = Instant::now();
     let pkt = match Packet::decode(data) {
         Ok(p) => p,
         Err(e) => {
@@ -336,7 +340,6 @@ async fn handle_request<S: Source + ?Sized>(
         }
     };
     drop(listener);
-    let started = Instant::now();
     let name = match FileName::parse(&filename) {
         Ok(n) => n,
         Err(e) => {
@@ -370,6 +373,7 @@ async fn handle_request<S: Source + ?Sized>(
                 name: name.to_string(),
                 bytes: 0,
                 duration: started.elapsed(),
+                first_data: None,
                 origin: None,
                 outcome: Err(e.to_string()),
             });
@@ -379,12 +383,13 @@ async fn handle_request<S: Source + ?Sized>(
     let origin = content.origin.clone();
     let (params, oack) = negotiate(cfg, &options, mode, content.size);
     let outcome = run_transfer(sock, peer, params, oack, content, mode).await;
-    let (bytes, result) = outcome;
+    let (bytes, first_data, result) = outcome;
     source.finished(&TransferReport {
         client: peer,
         name: name.to_string(),
         bytes,
         duration: started.elapsed(),
+        first_data: first_data.map(|t| t.saturating_duration_since(started)),
         origin: Some(origin),
         outcome: result,
     });
@@ -442,12 +447,13 @@ enum Chunk {
 /// Reads `Content` ahead of the sender in large chunks (translated to netascii when asked), so
 /// the transfer task is not woken per block.
 async fn read_ahead(
+    chunk_size: usize,
     mut content: Content,
     mode: Mode,
     tx: mpsc::Sender<Chunk>,
     wake: Arc<super::blocking::Wake>,
 ) {
-    let mut raw = vec![0u8; 64 * 1024];
+    let mut raw = vec![0u8; chunk_size];
     let mut ascii = Vec::new();
     loop {
         let n = match content.reader.read(&mut raw).await {
@@ -472,8 +478,13 @@ async fn read_ahead(
         }
         wake.notify();
     }
-    let _ = tx.send(Chunk::End).await;
-    wake.notify();
+    if tx.send(Chunk::End).await.is_ok() {
+        wake.notify();
+        // A small file is read whole long before its last block is acknowledged. Hold the
+        // content until the transfer is over: whatever it carries (the admission slot, the
+        // open cache file) belongs to the transfer, not to the read-ahead.
+        tx.closed().await;
+    }
 }
 
 /// Cuts read-ahead chunks into blocks of exactly `blksize` bytes; the final block is shorter,
@@ -539,7 +550,8 @@ impl super::blocking::BlockSource for Blocks {
 }
 
 /// Runs one transfer: a read-ahead task on the runtime, the protocol on a thread of its own
-/// (see [`super::blocking`]). Returns the bytes acknowledged and the outcome.
+/// (see [`super::blocking`]). Returns the bytes acknowledged, when the first DATA went out, and
+/// the outcome.
 async fn run_transfer(
     sock: UdpSocket,
     peer: SocketAddr,
@@ -547,21 +559,31 @@ async fn run_transfer(
     oack: Option<Options>,
     content: Content,
     mode: Mode,
-) -> (u64, Result<(), String>) {
+) -> (u64, Option<Instant>, Result<(), String>) {
     let wake = match super::blocking::Wake::new() {
         Ok(w) => Arc::new(w),
-        Err(e) => return (0, Err(format!("cannot create an eventfd: {e}"))),
+        Err(e) => return (0, None, Err(format!("cannot create an eventfd: {e}"))),
     };
     let sock = match sock.into_std() {
         Ok(s) => s,
-        Err(e) => return (0, Err(format!("cannot take the transfer socket: {e}"))),
+        Err(e) => {
+            return (
+                0,
+                None,
+                Err(format!("cannot take the transfer socket: {e}")),
+            )
+        }
     };
-    let (tx, rx) = mpsc::channel(4);
-    let reader = tokio::spawn(read_ahead(content, mode, tx, wake.clone()));
+    // Read ahead about two windows, in chunks of 8-64 KiB: enough to never starve the sender,
+    // small enough that thousands of lock-step transfers stay within a few MB.
+    let chunk_size =
+        (params.blksize as usize * params.windowsize as usize * 2).clamp(8 << 10, 64 << 10);
+    let (tx, rx) = mpsc::channel(2);
+    let reader = tokio::spawn(read_ahead(chunk_size, content, mode, tx, wake.clone()));
     let _abort_reader = AbortOnDrop(reader);
     let mut blocks = Blocks {
         rx,
-        pending: BytesMut::with_capacity(128 * 1024),
+        pending: BytesMut::new(),
         blksize: params.blksize as usize,
         ended: false,
         final_given: false,
@@ -576,11 +598,11 @@ async fn run_transfer(
             let _ = done_tx.send(r);
         });
     if let Err(e) = spawned {
-        return (0, Err(format!("cannot start a transfer thread: {e}")));
+        return (0, None, Err(format!("cannot start a transfer thread: {e}")));
     }
     done_rx
         .await
-        .unwrap_or_else(|_| (0, Err("transfer thread died".to_string())))
+        .unwrap_or_else(|_| (0, None, Err("transfer thread died".to_string())))
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

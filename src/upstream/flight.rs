@@ -6,6 +6,10 @@
 //! a phone gets its first block as soon as the WAN delivers it. The file is published only when
 //! complete and of the announced size. A failed or truncated fetch publishes nothing and every
 //! reader gets an error, never a clean end that would make a truncated file look complete.
+//!
+//! "Not found anywhere" is remembered for `sync.negative_ttl`, and past it for as long as every
+//! upstream is unreachable: during a WAN outage a phone asking for its (absent) CTL and ITL files
+//! gets the same quick "file not found" it got before, and boots on as it did then.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -88,7 +92,14 @@ pub struct FetchStats {
     pub flights: u64,
     /// Requests answered "not found" from the negative cache without asking upstream.
     pub negative_hits: u64,
+    /// Misses answered "not found" from an expired negative entry because no upstream could be
+    /// asked (stale if error).
+    pub stale_negative_hits: u64,
 }
+
+/// How long an expired "not found" may still answer for an unreachable chain; also bounds the
+/// memory the negative cache keeps for names nobody asks again.
+const STALE_NEGATIVE_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// Something to tell when a flight publishes a file (the sync worker learns names this way).
 pub type FoundHook = Arc<dyn Fn(&FileName, &str) + Send + Sync>;
@@ -97,6 +108,7 @@ pub struct Fetcher {
     cache: Cache,
     chain: RwLock<Arc<UpstreamChain>>,
     flights: Mutex<HashMap<String, Arc<Flight>>>,
+    /// Name → end of its "not found" TTL. Expired entries stay (see [`STALE_NEGATIVE_MAX_AGE`]).
     negative: Mutex<HashMap<String, Instant>>,
     negative_ttl: RwLock<Duration>,
     stats: Mutex<FetchStats>,
@@ -150,18 +162,12 @@ impl Fetcher {
             return Ok(Served::Hit(hit));
         }
         let key = name.key().to_string();
+        if self
+            .negative_until(&key)
+            .is_some_and(|until| Instant::now() < until)
         {
-            let mut neg = self.negative.lock().unwrap();
-            match neg.get(&key) {
-                Some(&until) if Instant::now() < until => {
-                    self.stats.lock().unwrap().negative_hits += 1;
-                    return Err(MissError::NotFound);
-                }
-                Some(_) => {
-                    neg.remove(&key);
-                }
-                None => {}
-            }
+            self.stats.lock().unwrap().negative_hits += 1;
+            return Err(MissError::NotFound);
         }
         let flight = {
             let mut flights = self.flights.lock().unwrap();
@@ -204,6 +210,20 @@ impl Fetcher {
         }
     }
 
+    fn negative_until(&self, key: &str) -> Option<Instant> {
+        self.negative.lock().unwrap().get(key).copied()
+    }
+
+    fn remember_not_found(&self, key: &str) {
+        let now = Instant::now();
+        let ttl = *self.negative_ttl.read().unwrap();
+        let mut neg = self.negative.lock().unwrap();
+        if neg.len() >= 4096 && neg.len().is_power_of_two() {
+            neg.retain(|_, until| *until + STALE_NEGATIVE_MAX_AGE > now);
+        }
+        neg.insert(key.to_string(), now + ttl);
+    }
+
     fn open_cached(&self, name: &FileName) -> Result<Option<CachedFile>, MissError> {
         match self.cache.open_file(name.key()) {
             Ok(hit) => Ok(hit),
@@ -224,19 +244,27 @@ impl Fetcher {
         let set_answer = |a: Answer| flight.state.send_modify(|s| s.answer = Some(a));
         match answer {
             ChainAnswer::NotFound => {
-                let ttl = *self.negative_ttl.read().unwrap();
-                self.negative
-                    .lock()
-                    .unwrap()
-                    .insert(key.clone(), Instant::now() + ttl);
+                self.remember_not_found(&key);
                 info!(name = %name, "not found on any upstream");
                 set_answer(Answer::NotFound);
             }
             ChainAnswer::Unreachable(why) => {
-                warn!(name = %name, "miss not served: {why}");
-                set_answer(Answer::Unreachable(why));
+                let known_missing = self
+                    .negative_until(&key)
+                    .is_some_and(|until| until + STALE_NEGATIVE_MAX_AGE > Instant::now());
+                if known_missing {
+                    // Stale if error, for a miss: the last answer the chain gave was "not
+                    // found"; a phone is better served by that than by an error it never saw.
+                    self.stats.lock().unwrap().stale_negative_hits += 1;
+                    info!(name = %name, "not found when last asked; upstreams unreachable now: {why}");
+                    set_answer(Answer::NotFound);
+                } else {
+                    warn!(name = %name, "miss not served: {why}");
+                    set_answer(Answer::Unreachable(why));
+                }
             }
             ChainAnswer::Found { upstream, body } => {
+                self.forget_negative(&key);
                 let source = upstream.url.clone();
                 let result = self
                     .stream_into_cache(&name, &source, body, &flight, &set_answer)

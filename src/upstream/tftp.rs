@@ -14,14 +14,7 @@ pub(super) async fn fetch(
     name: &str,
     timeout: Duration,
 ) -> Result<Answer, FetchError> {
-    // The configured timeout bounds how long a silent server costs us: a retransmit timer of at
-    // most 1 s, retried until the budget is spent.
-    let rtx = timeout
-        .min(Duration::from_secs(1))
-        .max(Duration::from_millis(100));
-    let retries = ((timeout.as_millis() / rtx.as_millis()) as u32)
-        .saturating_sub(1)
-        .max(1);
+    let (rtx, retries) = retransmit_plan(timeout);
     let opts = ClientOptions {
         blksize: Some(1428),
         windowsize: Some(16),
@@ -52,4 +45,35 @@ pub(super) async fn fetch(
         },
         stream,
     }))
+}
+
+/// The retransmit timer and retries for an upstream `timeout`: the timeout bounds how long a
+/// silent server costs us (attempts × timer = timeout), with a timer of at most 1 s and at least
+/// two attempts so one lost datagram does not mark the upstream down.
+fn retransmit_plan(timeout: Duration) -> (Duration, u32) {
+    let timeout = timeout.max(Duration::from_millis(200));
+    let attempts = timeout.as_millis().div_ceil(1000).max(2) as u32;
+    (timeout / attempts, attempts - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retransmits_fill_the_timeout_exactly() {
+        let ms = Duration::from_millis;
+        for (timeout, rtx, retries) in [
+            (ms(10_000), ms(1000), 9),
+            (ms(2000), ms(1000), 1),
+            (ms(1500), ms(750), 1),
+            (ms(500), ms(250), 1),
+            (ms(2500), ms(833), 2),
+        ] {
+            let (r, n) = retransmit_plan(timeout);
+            assert_eq!(n, retries, "{timeout:?}");
+            assert!(r.abs_diff(rtx) < ms(1), "{timeout:?}: {r:?}");
+            assert!(r * (n + 1) <= timeout, "{timeout:?}");
+        }
+    }
 }
