@@ -81,7 +81,7 @@ many() {
     local port="$1" i failed=0
     local -a pids=()
     for ((i = 0; i < 200; i++)); do
-        curl -s -m 120 -o "$BENCH_TMP/many-$i" "tftp://127.0.0.1:$port/four.bin" &
+        curl -s -m 300 -o "$BENCH_TMP/many-$i" "tftp://127.0.0.1:$port/four.bin" &
         pids+=($!)
     done
     for i in "${pids[@]}"; do wait "$i" || failed=1; done

@@ -23,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the appliance in the foreground (TFTP front end serving the overrides directory).
+    /// Run the appliance in the foreground: TFTP and HTTP front ends, admin endpoint, sync
+    /// worker. SIGTERM/SIGINT finish transfers in flight and exit; SIGHUP reloads the config.
     Serve {
         /// Config file (default: $BRANCHTFTP_CONFIG, then /etc/branchtftp/branchtftp.yaml).
         #[arg(short, long)]
