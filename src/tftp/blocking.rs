@@ -6,7 +6,7 @@
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -67,8 +67,9 @@ fn error_bytes(code: ErrorCode, msg: &str) -> Bytes {
     Packet::error(code, msg).encode()
 }
 
-/// Waits until the socket is readable, `wake` fired, or `deadline` passed.
-fn wait(sock: &UdpSocket, wake: Option<&Wake>, deadline: Option<Instant>) -> io::Result<()> {
+/// Waits until the socket is readable, `wake` fired, or `deadline` passed. Returns whether
+/// the socket is readable.
+fn wait(sock: &UdpSocket, wake: Option<&Wake>, deadline: Option<Instant>) -> io::Result<bool> {
     let timeout_ms: libc::c_int = match deadline {
         None => -1,
         Some(d) => {
@@ -103,10 +104,10 @@ fn wait(sock: &UdpSocket, wake: Option<&Wake>, deadline: Option<Instant>) -> io:
             w.clear();
         }
     }
-    Ok(())
+    Ok(r > 0 && fds[0].revents != 0)
 }
 
-/// Runs the transfer to its end. `sock` must be non-blocking. Returns the bytes the client
+/// Runs the transfer to its end (the socket is switched to blocking mode). Returns the bytes the client
 /// acknowledged, when the first DATA went out, and the outcome.
 pub fn run(
     sock: UdpSocket,
@@ -119,6 +120,14 @@ pub fn run(
     // is answered as such after truncation.
     let mut buf = vec![0u8; 4096];
     let mut first_data: Option<Instant> = None;
+    let mut rcv_timeout: Option<Duration> = None;
+    if let Err(e) = sock.set_nonblocking(false) {
+        return (
+            0,
+            None,
+            Err(format!("cannot make the transfer socket blocking: {e}")),
+        );
+    }
     let send = |d: &[u8], to: SocketAddr| {
         // A full send buffer drops the datagram; the retransmission timer recovers it.
         if let Err(e) = sock.send_to(d, to) {
@@ -163,44 +172,67 @@ pub fn run(
             Status::Protocol(m) => break Err(m.clone()),
         }
         let deadline = sender.poll_timeout();
-        let waiting_for_data = sender.wants_data();
-        if let Err(e) = wait(&sock, waiting_for_data.then_some(wake), deadline) {
-            break Err(format!("poll failed: {e}"));
-        }
-        // Take every datagram that arrived.
-        loop {
+        let readable = if sender.wants_data() {
+            // Waiting for content too: sleep on both the socket and the read-ahead's eventfd.
+            match wait(&sock, Some(wake), deadline) {
+                Ok(r) => r,
+                Err(e) => break Err(format!("poll failed: {e}")),
+            }
+        } else {
+            // Only the client can move us on: block in recv, bounded by the deadline through
+            // SO_RCVTIMEO (re-set only when the remaining time differs from what is set, so
+            // lock-step costs one recv and one send per block).
+            let left = deadline
+                .map(|d| d.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_secs(1))
+                .max(Duration::from_millis(1));
+            let left = Duration::from_millis(left.as_micros().div_ceil(1000) as u64);
+            if rcv_timeout.is_none_or(|t: Duration| t.abs_diff(left) > Duration::from_millis(1)) {
+                if let Err(e) = sock.set_read_timeout(Some(left)) {
+                    break Err(format!("cannot set the receive timeout: {e}"));
+                }
+                rcv_timeout = Some(left);
+            }
+            true
+        };
+        if readable {
             match sock.recv_from(&mut buf) {
-                Ok((n, from)) => {
-                    if from != peer {
-                        // RFC 1350 §4: a packet from another TID gets ERROR 5; the transfer goes on.
+                Ok((_, from)) if from != peer => {
+                    // RFC 1350 §4: a packet from another TID gets ERROR 5; the transfer goes on.
+                    send(
+                        &error_bytes(ErrorCode::UnknownTid, "unknown transfer ID"),
+                        from,
+                    );
+                }
+                Ok((n, _)) => match Packet::decode(&buf[..n]) {
+                    Ok(p) => sender.handle(&p, Instant::now()),
+                    Err(e) => {
                         send(
-                            &error_bytes(ErrorCode::UnknownTid, "unknown transfer ID"),
-                            from,
+                            &error_bytes(ErrorCode::IllegalOperation, &e.to_string()),
+                            peer,
                         );
-                        continue;
+                        break 'transfer Err(format!("malformed packet from client: {e}"));
                     }
-                    match Packet::decode(&buf[..n]) {
-                        Ok(p) => sender.handle(&p, Instant::now()),
-                        Err(e) => {
-                            send(
-                                &error_bytes(ErrorCode::IllegalOperation, &e.to_string()),
-                                peer,
-                            );
-                            break 'transfer Err(format!("malformed packet from client: {e}"));
-                        }
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                },
+                // The receive timeout expired, or a signal: the deadline check below decides.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
                 // ICMP port unreachable and the like: the client is gone or will retry.
-                Err(e) => {
-                    tracing::debug!(client = %peer, "recv: {e}");
-                    break;
-                }
+                Err(e) => tracing::debug!(client = %peer, "recv: {e}"),
             }
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            sender.handle_timeout(Instant::now());
+        if let Some(d) = deadline {
+            // Timers wake up to a millisecond early (rounding); do not sleep a whole extra
+            // timeout for that.
+            let now = Instant::now();
+            if now + Duration::from_millis(2) >= d {
+                sender.handle_timeout(now.max(d));
+            }
         }
     };
     (sender.bytes_acked(), first_data, result)
