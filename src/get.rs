@@ -27,17 +27,7 @@ pub fn parse_tftp_url(url: &str) -> anyhow::Result<(SocketAddr, String)> {
     let (authority, name) = rest
         .split_once('/')
         .with_context(|| format!("{url}: no file name after the host"))?;
-    let authority = if authority.starts_with('[') {
-        if authority.contains("]:") {
-            authority.to_string()
-        } else {
-            format!("{authority}:69")
-        }
-    } else if authority.contains(':') {
-        authority.to_string()
-    } else {
-        format!("{authority}:69")
-    };
+    let authority = crate::tftp::client::with_default_port(authority);
     let addr = authority
         .to_socket_addrs()
         .with_context(|| format!("{url}: cannot resolve {authority}"))?

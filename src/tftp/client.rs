@@ -16,6 +16,21 @@ use super::packet::{ErrorCode, Options, Packet, DEFAULT_BLKSIZE};
 use super::server::{bind_udp, Mode};
 use super::transfer::{Negotiated, Params, Receiver, Status};
 
+/// `HOST`, `HOST:PORT`, `[V6]` or `[V6]:PORT` with the TFTP port (69) filled in when absent,
+/// ready for `ToSocketAddrs`.
+pub fn with_default_port(authority: &str) -> String {
+    let has_port = if authority.starts_with('[') {
+        authority.contains("]:")
+    } else {
+        authority.contains(':')
+    };
+    if has_port {
+        authority.to_string()
+    } else {
+        format!("{authority}:69")
+    }
+}
+
 /// What to ask the server for.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -275,5 +290,18 @@ impl Download {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_default_port;
+
+    #[test]
+    fn tftp_port_is_filled_in_only_when_absent() {
+        assert_eq!(with_default_port("10.20.0.5"), "10.20.0.5:69");
+        assert_eq!(with_default_port("cucm:6969"), "cucm:6969");
+        assert_eq!(with_default_port("[::1]"), "[::1]:69");
+        assert_eq!(with_default_port("[::1]:6969"), "[::1]:6969");
     }
 }

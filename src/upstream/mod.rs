@@ -116,17 +116,7 @@ impl Upstream {
             }
         } else if let Some(rest) = cfg.url.strip_prefix("tftp://") {
             let host = rest.trim_end_matches('/');
-            let with_port = if host.starts_with('[') {
-                if host.contains("]:") {
-                    host.to_string()
-                } else {
-                    format!("{host}:69")
-                }
-            } else if host.contains(':') {
-                host.to_string()
-            } else {
-                format!("{host}:69")
-            };
+            let with_port = crate::tftp::client::with_default_port(host);
             let addr = std::net::ToSocketAddrs::to_socket_addrs(&with_port)
                 .map_err(|e| err(&format!("cannot resolve: {e}")))?
                 .next()
