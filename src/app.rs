@@ -15,6 +15,7 @@ use crate::cache::{Cache, ClassRules};
 use crate::config::Config;
 use crate::front::http::HttpFront;
 use crate::front::{Gate, Resolver, TftpFront};
+use crate::net::bind_tcp;
 use crate::overrides::Overrides;
 use crate::tftp::server::{Server, ServerConfig};
 use crate::upstream::flight::Fetcher;
@@ -169,23 +170,4 @@ async fn serve_http(
     {
         tracing::error!("HTTP server failed: {e}");
     }
-}
-
-/// Binds a TCP listener; IPv6 listeners are v6-only so `0.0.0.0:6970` and `[::]:6970` coexist.
-pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let domain = if addr.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    let sock = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() {
-        sock.set_only_v6(true)?;
-    }
-    sock.set_reuse_address(true)?;
-    sock.set_nonblocking(true)?;
-    sock.bind(&addr.into())?;
-    sock.listen(1024)?;
-    tokio::net::TcpListener::from_std(sock.into())
 }

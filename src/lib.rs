@@ -13,6 +13,7 @@
 //! | [`tftp::transfer`] | pure sender/receiver state machines: packets and `now` in, packets and deadlines out |
 //! | [`tftp::server`] | tokio driver: listeners, one task and one ephemeral socket per transfer, serving a [`tftp::Source`] |
 //! | [`tftp::client`] | tokio driver for downloads, yielding bytes as they arrive |
+//! | [`net`] | binding UDP and TCP sockets (v6-only IPv6, buffer sizes) for every listener |
 //! | [`name`] | phone file names: normalization, case folding, rejection of escapes |
 //! | [`front`] | admission (allow list, limits) and request → overrides/cache/miss; [`front::http`] is the phones' HTTP on 6970 |
 //! | [`overrides`] | the local overrides directory that wins over upstream copies |
@@ -41,6 +42,7 @@ pub mod logging;
 pub mod manpage;
 pub mod metrics;
 pub mod name;
+pub mod net;
 pub mod overrides;
 pub mod reload;
 pub mod sync;

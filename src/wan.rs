@@ -12,7 +12,6 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -255,11 +254,11 @@ impl WanRelay {
         let local_ip = loopback_like(target.ip());
         let front = {
             let _guard = self.rt().enter();
-            let std = std::net::UdpSocket::bind((local_ip, 0)).expect("bind relay UDP socket");
-            std.set_nonblocking(true).unwrap();
-            Arc::new(UdpSocket::from_std(std).unwrap())
+            Arc::new(
+                crate::net::bind_udp(SocketAddr::new(local_ip, 0), RELAY_BUFFER)
+                    .expect("bind relay UDP socket"),
+            )
         };
-        enlarge_buffers(&*front);
         let addr = front.local_addr().unwrap();
         let (up_tx, up_rx) = mpsc::unbounded_channel();
         let (down_tx, down_rx) = mpsc::unbounded_channel();
@@ -389,21 +388,7 @@ fn loopback_like(ip: IpAddr) -> IpAddr {
 
 /// Large socket buffers so bursts (windowsize × blksize) are not dropped by the kernel in the
 /// relay itself; the model decides what is lost, not the relay's buffers.
-fn enlarge_buffers(socket: &impl AsRawFd) {
-    let size: libc::c_int = 4 << 20;
-    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-        // SAFETY: a valid fd and a pointer to a c_int of the right length.
-        unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                &size as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
-    }
-}
+const RELAY_BUFFER: usize = 4 << 20;
 
 async fn deliver_datagrams(shared: Arc<WanShared>, mut queue: mpsc::UnboundedReceiver<Datagram>) {
     while let Some(d) = queue.recv().await {
@@ -430,9 +415,7 @@ struct UdpForward {
 }
 
 async fn bind_udp(ip: IpAddr) -> io::Result<Arc<UdpSocket>> {
-    let socket = UdpSocket::bind((ip, 0)).await?;
-    enlarge_buffers(&socket);
-    Ok(Arc::new(socket))
+    crate::net::bind_udp(SocketAddr::new(ip, 0), RELAY_BUFFER).map(Arc::new)
 }
 
 impl UdpForward {

@@ -708,6 +708,23 @@ impl Syncer {
     /// Makes sure a name is cached (fetching it if not), trying the listed spelling, then all
     /// lower and all upper case, since lists and servers disagree on case. Returns the outcome
     /// (`None` when already cached) and the key it is cached under.
+    /// [`ensure`](Self::ensure) for each name, `DOWNLOADS` at a time, counted in the progress.
+    async fn ensure_all(
+        &self,
+        names: Vec<String>,
+        ctx: &Ctx<'_>,
+    ) -> Vec<(String, (Option<Outcome>, Option<String>))> {
+        progress_plan(ctx, names.len());
+        futures::stream::iter(names)
+            .map(|n| async move {
+                let r = self.ensure(&n, ctx).await;
+                (n, r)
+            })
+            .buffer_unordered(DOWNLOADS)
+            .collect()
+            .await
+    }
+
     async fn ensure(&self, name: &str, ctx: &Ctx<'_>) -> (Option<Outcome>, Option<String>) {
         let Ok(fname) = FileName::parse(name) else {
             return (None, None);
@@ -779,15 +796,7 @@ impl Syncer {
 
         // Loads first: their image lists come from the `.loads` files.
         let loads: Vec<String> = refs.loads.iter().map(|l| format!("{l}.loads")).collect();
-        progress_plan(ctx, loads.len());
-        let results = futures::stream::iter(loads)
-            .map(|n| async move {
-                let r = self.ensure(&n, ctx).await;
-                (n, r)
-            })
-            .buffer_unordered(DOWNLOADS)
-            .collect::<Vec<_>>()
-            .await;
+        let results = self.ensure_all(loads, ctx).await;
         let mut images: Vec<String> = Vec::new();
         for (name, (outcome, key)) in results {
             complete &= self.note(&name, FileClass::Firmware, outcome.as_ref(), ctx);
@@ -808,15 +817,7 @@ impl Syncer {
                 }
             }
         }
-        progress_plan(ctx, images.len());
-        let results = futures::stream::iter(images)
-            .map(|n| async move {
-                let r = self.ensure(&n, ctx).await;
-                (n, r)
-            })
-            .buffer_unordered(DOWNLOADS)
-            .collect::<Vec<_>>()
-            .await;
+        let results = self.ensure_all(images, ctx).await;
         for (name, (outcome, key)) in results {
             complete &= self.note(&name, FileClass::Firmware, outcome.as_ref(), ctx);
             if let Some(key) = key {
@@ -827,15 +828,7 @@ impl Syncer {
         // Locale files: what phones fetched from one locale directory, and the seeds, for
         // every directory the configs name.
         let locale_names = self.locale_names(&refs);
-        progress_plan(ctx, locale_names.len());
-        let results = futures::stream::iter(locale_names)
-            .map(|n| async move {
-                let r = self.ensure(&n, ctx).await;
-                (n, r)
-            })
-            .buffer_unordered(DOWNLOADS)
-            .collect::<Vec<_>>()
-            .await;
+        let results = self.ensure_all(locale_names, ctx).await;
         for (name, (outcome, key)) in results {
             self.note(&name, FileClass::Locale, outcome.as_ref(), ctx);
             if key.is_some() {

@@ -13,8 +13,9 @@ use tokio::net::UdpSocket;
 
 use super::netascii;
 use super::packet::{ErrorCode, Options, Packet, DEFAULT_BLKSIZE};
-use super::server::{bind_udp, Mode};
+use super::server::Mode;
 use super::transfer::{Negotiated, Params, Receiver, Status};
+use crate::net::bind_udp;
 
 /// `HOST`, `HOST:PORT`, `[V6]` or `[V6]:PORT` with the TFTP port (69) filled in when absent,
 /// ready for `ToSocketAddrs`.

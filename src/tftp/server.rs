@@ -22,6 +22,7 @@ use super::netascii;
 use super::packet::{ErrorCode, Options, Packet, BLKSIZE_MIN, DEFAULT_BLKSIZE};
 use super::transfer::{Params, Sender};
 use crate::name::{FileName, NameError};
+use crate::net::bind_udp;
 
 /// Transfer mode requested by the client (RFC 1350 §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,26 +147,6 @@ pub struct Server {
 /// Size of socket buffers for listeners and transfers: a full window of large blocks must fit
 /// or the kernel drops packets and recovery costs a timeout (peers.md).
 const MIN_SOCKET_BUFFER: usize = 1 << 20;
-
-/// Binds a UDP socket; IPv6 sockets are v6-only so `0.0.0.0:69` and `[::]:69` coexist.
-pub fn bind_udp(addr: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let domain = if addr.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    let sock = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
-    if addr.is_ipv6() {
-        sock.set_only_v6(true)?;
-    }
-    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
-    let _ = sock.set_recv_buffer_size(buffer);
-    let _ = sock.set_send_buffer_size(buffer);
-    sock.set_nonblocking(true)?;
-    sock.bind(&addr.into())?;
-    UdpSocket::from_std(sock.into())
-}
 
 impl Server {
     pub fn bind(cfg: ServerConfig) -> io::Result<Server> {
@@ -453,23 +434,24 @@ async fn read_ahead(
     tx: mpsc::Sender<Chunk>,
     wake: Arc<super::blocking::Wake>,
 ) {
-    let mut raw = vec![0u8; chunk_size];
     let mut ascii = Vec::new();
     loop {
-        let n = match content.reader.read(&mut raw).await {
+        // Read straight into the buffer that travels on: an octet chunk is never copied.
+        let mut buf = BytesMut::with_capacity(chunk_size);
+        match content.reader.read_buf(&mut buf).await {
             Ok(0) => break,
-            Ok(n) => n,
+            Ok(_) => {}
             Err(e) => {
                 let _ = tx.send(Chunk::Failed(e)).await;
                 wake.notify();
                 return;
             }
-        };
+        }
         let chunk = match mode {
-            Mode::Octet => Bytes::copy_from_slice(&raw[..n]),
+            Mode::Octet => buf.freeze(),
             Mode::Netascii => {
                 ascii.clear();
-                netascii::encode(&raw[..n], &mut ascii);
+                netascii::encode(&buf, &mut ascii);
                 Bytes::copy_from_slice(&ascii)
             }
         };
@@ -497,8 +479,7 @@ struct Blocks {
     final_given: bool,
 }
 
-impl Blocks {
-    /// A block if one is ready without waiting; `Ok(None)` when more data must be awaited.
+impl super::blocking::BlockSource for Blocks {
     fn try_next(&mut self) -> io::Result<Option<Bytes>> {
         loop {
             if let Some(b) = self.cut() {
@@ -513,7 +494,9 @@ impl Blocks {
             }
         }
     }
+}
 
+impl Blocks {
     fn cut(&mut self) -> Option<Bytes> {
         if self.pending.len() >= self.blksize {
             return Some(self.pending.split_to(self.blksize).freeze());
@@ -527,6 +510,9 @@ impl Blocks {
 
     fn take(&mut self, c: Chunk) -> io::Result<()> {
         match c {
+            // A chunk that starts a block boundary is cut in place (no copy); only a chunk that
+            // must be joined to the previous one's tail is copied.
+            Chunk::Data(d) if self.pending.is_empty() => self.pending = BytesMut::from(d),
             Chunk::Data(d) => self.pending.extend_from_slice(&d),
             Chunk::End => self.ended = true,
             Chunk::Failed(e) => return Err(e),
@@ -540,12 +526,6 @@ impl Blocks {
             return Err(io::Error::other("read past the end"));
         }
         Err(io::Error::other("content source ended unexpectedly"))
-    }
-}
-
-impl super::blocking::BlockSource for Blocks {
-    fn try_next(&mut self) -> io::Result<Option<Bytes>> {
-        Blocks::try_next(self)
     }
 }
 

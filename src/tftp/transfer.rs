@@ -59,6 +59,33 @@ pub enum Status {
     Protocol(String),
 }
 
+/// The retransmission deadline, while the transfer is still going.
+fn active_deadline(status: &Status, deadline: Option<Instant>) -> Option<Instant> {
+    (*status == Status::Active).then_some(deadline).flatten()
+}
+
+/// The retransmission timer both sides share: `true` when it fired and the caller must resend;
+/// after `retries` firings without progress the transfer ends as [`Status::TimedOut`].
+fn timer_fired(
+    deadline: &mut Option<Instant>,
+    tries: &mut u32,
+    retries: u32,
+    status: &mut Status,
+    now: Instant,
+) -> bool {
+    match *deadline {
+        Some(d) if now >= d && *status == Status::Active => {}
+        _ => return false,
+    }
+    *tries += 1;
+    if *tries > retries {
+        *status = Status::TimedOut;
+        *deadline = None;
+        return false;
+    }
+    true
+}
+
 /// Wire block number of an internal block index.
 fn wire(n: u64) -> u16 {
     n as u16
@@ -150,22 +177,18 @@ impl Sender {
 
     /// When [`handle_timeout`](Self::handle_timeout) must be called, if at all.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.status == Status::Active {
-            self.deadline
-        } else {
-            None
-        }
+        active_deadline(&self.status, self.deadline)
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        match self.deadline {
-            Some(d) if now >= d && self.status == Status::Active => {}
-            _ => return,
-        }
-        self.tries += 1;
-        if self.tries > self.params.retries {
-            self.status = Status::TimedOut;
-            self.deadline = None;
+        let retries = self.params.retries;
+        if !timer_fired(
+            &mut self.deadline,
+            &mut self.tries,
+            retries,
+            &mut self.status,
+            now,
+        ) {
             return;
         }
         if let Some(o) = &self.oack {
@@ -368,22 +391,18 @@ impl Receiver {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.status == Status::Active {
-            self.deadline
-        } else {
-            None
-        }
+        active_deadline(&self.status, self.deadline)
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        match self.deadline {
-            Some(d) if now >= d && self.status == Status::Active => {}
-            _ => return,
-        }
-        self.tries += 1;
-        if self.tries > self.params.retries {
-            self.status = Status::TimedOut;
-            self.deadline = None;
+        let retries = self.params.retries;
+        if !timer_fired(
+            &mut self.deadline,
+            &mut self.tries,
+            retries,
+            &mut self.status,
+            now,
+        ) {
             return;
         }
         // Resend the RRQ, or our last ACK: it tells the sender where to resume (RFC 7440).

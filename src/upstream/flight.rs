@@ -324,15 +324,9 @@ impl Fetcher {
         });
         while let Some(chunk) = body.stream.next().await {
             let chunk = chunk.map_err(|e| e.to_string())?;
-            publisher
-                .write_chunk(&chunk)
-                .and_then(|_| {
-                    io::Write::flush(&mut publisher).map_err(|e| crate::cache::CacheError::Io {
-                        path: std::path::PathBuf::from(name.as_str()),
-                        source: e,
-                    })
-                })
-                .map_err(|e| e.to_string())?;
+            publisher.write_chunk(&chunk).map_err(|e| e.to_string())?;
+            // Readers follow the temp file: what they may read must have left the buffer.
+            io::Write::flush(&mut publisher).map_err(|e| format!("cache write: {e}"))?;
             let written = publisher.written();
             flight.state.send_modify(|s| s.written = written);
         }
