@@ -1,5 +1,11 @@
 //! The admin endpoint (default 127.0.0.1:9069): `/healthz`, `/status` (JSON), `/metrics`
-//! (Prometheus text), `POST /sync`. Also the `branchtftp status` client that reads it.
+//! (Prometheus text), `GET /phones`, `POST /sync`, and the running cache (`GET /cache`,
+//! `POST /cache/verify`, `DELETE /cache/NAME`; see [`cache`]). State-changing calls follow the
+//! loopback-or-token rule of [`auth`]. Also the `branchtftp status` client that reads it.
+
+pub mod auth;
+pub mod cache;
+pub mod client;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -7,7 +13,7 @@ use std::time::Instant;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use serde::{Deserialize, Serialize};
 
 use crate::front::Gate;
@@ -58,6 +64,9 @@ pub struct Status {
     pub upstreams: Vec<UpstreamStatusJson>,
     pub sync: SyncStatus,
     pub transfers: Transfers,
+    /// Absent from an appliance that keeps no phones view.
+    #[serde(default)]
+    pub phones: Option<crate::phones::PhonesSummary>,
 }
 
 #[derive(Clone)]
@@ -66,6 +75,10 @@ pub struct AdminState {
     pub gate: Arc<Gate>,
     pub fetcher: Option<Arc<Fetcher>>,
     pub sync: Option<Arc<dyn SyncControl>>,
+    pub phones: Option<crate::phones::PhonesView>,
+    pub auth: Arc<auth::AdminAuth>,
+    /// Set while a `POST /cache/verify` runs.
+    pub verifying: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AdminState {
@@ -119,17 +132,33 @@ impl AdminState {
             transfers: Transfers {
                 active: self.gate.active() as u64,
             },
+            phones: self.phones.as_ref().map(|p| p.summary()),
         }
     }
 }
 
 pub fn router(state: AdminState) -> axum::Router {
+    let changes = axum::Router::new()
+        .route("/sync", post(sync))
+        .route("/cache/verify", post(cache::verify))
+        .route("/cache/{*name}", delete(cache::evict))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.auth.clone(),
+            auth::require_trusted,
+        ));
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
-        .route("/sync", post(sync))
+        .route("/phones", get(phones))
+        .route("/cache", get(cache::list))
+        .merge(changes)
         .with_state(state)
+}
+
+async fn phones(State(st): State<AdminState>) -> Response {
+    let list = st.phones.as_ref().map(|p| p.report()).unwrap_or_default();
+    axum::Json(list).into_response()
 }
 
 async fn status(State(st): State<AdminState>) -> Response {
@@ -142,6 +171,7 @@ async fn metrics(State(st): State<AdminState>) -> Response {
         let (files, bytes) = f.cache().totals();
         m.cache_files.set(files as i64);
         m.cache_bytes.set(bytes as i64);
+        m.cache_max_bytes.set(f.cache().max_bytes() as i64);
     }
     (
         [(
@@ -165,6 +195,14 @@ async fn sync(State(st): State<AdminState>) -> Response {
         )
             .into_response(),
     }
+}
+
+/// The admin endpoint a command asks when given none: `admin.listen`, else the default.
+pub fn default_admin(cfg: &crate::config::Config) -> String {
+    cfg.admin
+        .listen
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "127.0.0.1:9069".to_string())
 }
 
 /// `branchtftp status`: prints the appliance's state; exit 0 healthy, 1 unreachable, 3 when
@@ -268,6 +306,13 @@ pub fn render_status(st: &Status) -> String {
         crate::cache::cli::human_size(st.cache.max_bytes)
     );
     let _ = writeln!(o, "transfers  {} active", st.transfers.active);
+    if let Some(p) = &st.phones {
+        let _ = writeln!(
+            o,
+            "phones     {} seen, {} booted in the last hour, {} booting, {} upgrading, {} stuck",
+            p.seen, p.booted_last_hour, p.booting, p.upgrading, p.stuck
+        );
+    }
     let _ = writeln!(
         o,
         "sync       last {} ({}), next {}",

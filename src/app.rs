@@ -113,6 +113,20 @@ pub async fn serve(
         fetcher: fetcher.clone(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
+    // >>> phones view (issue 14)
+    let phones = match &fetcher {
+        Some(f) => Some(crate::phones::PhonesService::start(
+            &cfg.phones,
+            f.cache().clone(),
+            resolver.overrides.clone(),
+            stop_rx.clone(),
+        )?),
+        None => None,
+    };
+    let admin_auth = Arc::new(crate::admin::auth::AdminAuth::from_config(
+        cfg.admin.token_file.as_deref(),
+    )?);
+    // <<< phones view
     let mut servers = tokio::task::JoinSet::new();
     if mode == Mode::Appliance {
         let http = crate::front::http::router(HttpFront {
@@ -132,6 +146,9 @@ pub async fn serve(
                 sync: sync
                     .clone()
                     .map(|s| Arc::new(s) as Arc<dyn crate::admin::SyncControl>),
+                phones: phones.as_ref().map(|p| p.view.clone()),
+                auth: admin_auth.clone(),
+                verifying: Default::default(),
             });
             let listener = bind_tcp(addr).with_context(|| format!("admin listen {addr}"))?;
             info!("admin endpoint on http://{}", listener.local_addr()?);
@@ -150,6 +167,9 @@ pub async fn serve(
         while servers.join_next().await.is_some() {}
     })
     .await;
+    if let Some(p) = phones {
+        p.finish().await;
+    }
     info!("stopped");
     Ok(())
 }

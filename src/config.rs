@@ -30,6 +30,7 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     pub sync: SyncConfig,
     pub access: AccessConfig,
+    pub phones: PhonesConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -100,12 +101,38 @@ impl Default for HttpConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
+    /// A file holding the bearer token that state-changing admin requests from anywhere but
+    /// loopback must carry; readable by the service user only.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: Some("127.0.0.1:9069".parse().unwrap()),
+            token_file: None,
+        }
+    }
+}
+
+/// The per-phone boot view (`branchtftp phones`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PhonesConfig {
+    /// Phones not seen for this long are forgotten.
+    #[serde(with = "duration_serde")]
+    pub forget_after: Duration,
+    /// A phone silent this long has ended its boot; its next trust-list or config request
+    /// starts a new one.
+    #[serde(with = "duration_serde")]
+    pub quiet_gap: Duration,
+}
+
+impl Default for PhonesConfig {
+    fn default() -> Self {
+        PhonesConfig {
+            forget_after: Duration::from_secs(30 * 24 * 3600),
+            quiet_gap: Duration::from_secs(120),
         }
     }
 }
@@ -263,6 +290,7 @@ impl Default for Config {
             upstreams: Vec::new(),
             sync: SyncConfig::default(),
             access: AccessConfig::default(),
+            phones: PhonesConfig::default(),
         }
     }
 }
@@ -403,6 +431,12 @@ impl Config {
         }
         if self.cache.dir != new.cache.dir {
             keys.push("cache.dir");
+        }
+        if self.admin.token_file != new.admin.token_file {
+            keys.push("admin.token_file");
+        }
+        if self.phones != new.phones {
+            keys.push("phones");
         }
         keys
     }

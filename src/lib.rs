@@ -19,7 +19,8 @@
 //! | [`overrides`] | the local overrides directory that wins over upstream copies |
 //! | [`cache`] | the local store: sled index + plain files, atomic publish, recovery, quota, verify, import |
 //! | [`upstream`] | the ordered upstream chain (HTTP, TFTP), health and backoff; [`upstream::flight`] is the single-flight miss path |
-//! | [`admin`] | `/healthz`, `/status`, `/metrics`, `POST /sync`, and the `status` command |
+//! | [`admin`] | `/healthz`, `/status`, `/metrics`, `/phones`, `POST /sync`, the running cache, the token rule; the `status` command |
+//! | [`phones`] | the per-phone boot view: observations from the front ends, boots, firmware progress, `branchtftp phones` |
 //! | [`metrics`] | the Prometheus registry every part counts into |
 //! | [`config`] | the YAML configuration: schema, defaults, validation with positions, `check-config` |
 //! | [`sync`] | the sync worker: known names, per-class revalidation, discovery (`.cnf.xml` → `.loads` → images), `sync --once` |
@@ -44,6 +45,7 @@ pub mod metrics;
 pub mod name;
 pub mod net;
 pub mod overrides;
+pub mod phones;
 pub mod reload;
 pub mod sync;
 pub mod tftp;

@@ -83,6 +83,23 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+    /// The phones this box has seen: MAC, address, load, last boot and its duration, firmware
+    /// progress, last error (asks the running appliance's admin endpoint).
+    ///
+    /// Exit 0, or 1 when the appliance cannot be asked.
+    Phones {
+        /// Admin endpoint (default: admin.listen of the config, else 127.0.0.1:9069).
+        #[arg(long, value_name = "URL")]
+        admin: Option<String>,
+        /// Print the JSON of GET /phones.
+        #[arg(long)]
+        json: bool,
+        /// Only phones whose last boot did not finish or whose firmware download stopped.
+        #[arg(long)]
+        stuck: bool,
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
     /// Inspect and manage the cache: ls, verify, import DIR, evict NAME.
     Cache(branchtftp::cache::cli::CacheArgs),
     /// One full sync pass now (pre-seed a new box), with progress, then a summary table.
@@ -143,6 +160,32 @@ fn main() -> ExitCode {
             return match runtime() {
                 Ok(rt) => ExitCode::from(
                     rt.block_on(branchtftp::admin::status_command(&admin, json)) as u8,
+                ),
+                Err(e) => {
+                    eprintln!("branchtftp: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Phones {
+            admin,
+            json,
+            stuck,
+            config,
+        } => {
+            let admin = match admin {
+                Some(a) => a,
+                None => match load_config(config.as_deref()) {
+                    Ok(cfg) => branchtftp::admin::default_admin(&cfg),
+                    Err(e) => {
+                        eprintln!("branchtftp: {e:#}");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            return match runtime() {
+                Ok(rt) => ExitCode::from(
+                    rt.block_on(branchtftp::phones::cli::run(&admin, json, stuck)) as u8,
                 ),
                 Err(e) => {
                     eprintln!("branchtftp: {e:#}");

@@ -9,6 +9,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -40,6 +41,17 @@ pub struct ResultLabels {
     pub result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// seen, booting, upgrading, stuck
+    pub state: &'static str,
+}
+
+/// Boot durations: a warm boot takes seconds, a firmware upgrade over a WAN up to hours.
+const BOOT_SECONDS_BUCKETS: [f64; 12] = [
+    5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
+];
+
 pub type ActiveGauge = Gauge<i64, std::sync::atomic::AtomicI64>;
 
 pub struct Metrics {
@@ -52,6 +64,11 @@ pub struct Metrics {
     pub transfers_active: Family<ProtocolLabels, ActiveGauge>,
     pub sync_passes: Family<ResultLabels, Counter>,
     pub upstream_fetches: Counter<u64, AtomicU64>,
+    pub cache_max_bytes: Gauge,
+    pub phones: Family<StateLabels, Gauge>,
+    pub phone_boots: Counter,
+    pub phone_boot_seconds: Histogram,
+    pub phone_observations_dropped: Counter,
     active_tftp: ActiveGauge,
     active_http: ActiveGauge,
     registry: Registry,
@@ -102,6 +119,40 @@ impl Metrics {
             "Shared upstream fetches started by misses (one per name however many clients wait)",
             upstream_fetches.clone(),
         );
+        let cache_max_bytes = Gauge::default();
+        registry.register(
+            "cache_max_bytes",
+            "The cache's size limit (cache.max_size)",
+            cache_max_bytes.clone(),
+        );
+        let phones = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "phones",
+            "Phones known (seen), in a boot (booting), downloading firmware (upgrading), \
+             whose last boot did not finish (stuck)",
+            phones.clone(),
+        );
+        let phone_boots = Counter::default();
+        registry.register(
+            "phone_boots",
+            "Phone boots that completed",
+            phone_boots.clone(),
+        );
+        let phone_boot_seconds = Histogram::new(BOOT_SECONDS_BUCKETS);
+        registry.register(
+            "phone_boot_seconds",
+            "Duration of completed phone boots, first request to last file",
+            phone_boot_seconds.clone(),
+        );
+        let phone_observations_dropped = Counter::default();
+        registry.register(
+            "phone_observations_dropped",
+            "Requests left out of the phones view because its queue was full",
+            phone_observations_dropped.clone(),
+        );
+        for state in ["seen", "booting", "upgrading", "stuck"] {
+            let _ = phones.get_or_create(&StateLabels { state });
+        }
         // Families appear in the exposition once they have a sample; give the fixed ones zero.
         for p in ["tftp", "http"] {
             let _ = transfers_active.get_or_create(&ProtocolLabels { protocol: p });
@@ -125,6 +176,11 @@ impl Metrics {
             transfers_active,
             sync_passes,
             upstream_fetches,
+            cache_max_bytes,
+            phones,
+            phone_boots,
+            phone_boot_seconds,
+            phone_observations_dropped,
             registry,
         }
     }
@@ -164,6 +220,24 @@ impl Metrics {
                 result: result.to_string(),
             })
             .inc();
+    }
+
+    /// The phones gauges from the book's counts, and the boots completed since the last call.
+    pub fn phones_update(&self, s: &crate::phones::PhonesSummary, boots: &[f64]) {
+        for (state, n) in [
+            ("seen", s.seen),
+            ("booting", s.booting),
+            ("upgrading", s.upgrading),
+            ("stuck", s.stuck),
+        ] {
+            self.phones
+                .get_or_create(&StateLabels { state })
+                .set(n as i64);
+        }
+        for secs in boots {
+            self.phone_boots.inc();
+            self.phone_boot_seconds.observe(*secs);
+        }
     }
 
     /// The `transfers_active` gauge of a protocol (`tftp` or `http`).

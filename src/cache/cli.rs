@@ -1,5 +1,9 @@
-//! `branchtftp cache ls|verify|import DIR|evict NAME`: the cache, offline, from the shell.
-//! The binary parses [`CacheArgs`] and calls [`run`]; the exit code comes back from here.
+//! `branchtftp cache ls|verify|import DIR|evict NAME`: the cache from the shell. With no
+//! appliance running the commands open the cache directory; while `serve` holds it (its lock),
+//! `ls`, `verify` and `evict` ask the appliance's admin endpoint instead (`GET /cache`,
+//! `POST /cache/verify`, `DELETE /cache/NAME`), so looking at a branch's cache never means
+//! stopping its phones' server. The binary parses [`CacheArgs`] and calls [`run`]; the exit code
+//! comes back from here.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -7,7 +11,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{now_millis, Cache, ClassRules};
+use super::{now_millis, Cache, CacheError, ClassRules, VerifyReport};
+use crate::admin::cache::CacheListing;
+use crate::admin::client::AdminClient;
 use crate::config::Config;
 use crate::name::FileName;
 
@@ -20,6 +26,10 @@ pub struct CacheArgs {
     /// Cache directory, instead of `cache.dir` from the configuration
     #[arg(long, value_name = "DIR", global = true)]
     pub cache_dir: Option<PathBuf>,
+    /// Admin endpoint of the appliance that holds the cache, asked while it runs [default:
+    /// admin.listen of the configuration]
+    #[arg(long, value_name = "URL", global = true)]
+    pub admin: Option<String>,
     #[command(subcommand)]
     pub command: CacheCommand,
 }
@@ -50,8 +60,12 @@ pub fn run(args: &CacheArgs) -> Result<i32> {
     };
     let dir = args.cache_dir.clone().unwrap_or(cfg.cache.dir.clone());
     let rules = ClassRules::new(cfg.cache.classes.clone());
-    let (cache, recovery) = Cache::open(&dir, cfg.cache.max_size, rules)
-        .with_context(|| format!("opening the cache in {}", dir.display()))?;
+    let (cache, recovery) = match Cache::open(&dir, cfg.cache.max_size, rules) {
+        Err(CacheError::Locked(_)) if !matches!(args.command, CacheCommand::Import { .. }) => {
+            return remote(args, &cfg);
+        }
+        r => r.with_context(|| format!("opening the cache in {}", dir.display()))?,
+    };
     if recovery.repairs() > 0 {
         eprintln!(
             "cache: recovery made {} repair(s) (see the log above)",
@@ -61,7 +75,7 @@ pub fn run(args: &CacheArgs) -> Result<i32> {
     let mut out = std::io::stdout().lock();
     match &args.command {
         CacheCommand::Ls => {
-            ls(&cache, &mut out)?;
+            print_listing(&CacheListing::of(&cache), &mut out)?;
             Ok(0)
         }
         CacheCommand::Verify => {
@@ -75,31 +89,7 @@ pub fn run(args: &CacheArgs) -> Result<i32> {
             if let Some(b) = bar {
                 b.finish_and_clear();
             }
-            for c in &report.corrupt {
-                writeln!(
-                    out,
-                    "CORRUPT {}: sha256 {} expected {}; moved to {}",
-                    c.name,
-                    c.actual_sha256,
-                    c.expected_sha256,
-                    c.quarantined.display()
-                )?;
-            }
-            for m in &report.missing {
-                writeln!(out, "MISSING {m}: file gone; entry dropped")?;
-            }
-            let secs = report.elapsed.as_secs_f64().max(1e-9);
-            writeln!(
-                out,
-                "verified {} files, {} in {:.2}s ({:.0} MB/s): {} corrupt, {} missing",
-                report.files,
-                human_size(report.bytes),
-                secs,
-                report.bytes as f64 / secs / 1e6,
-                report.corrupt.len(),
-                report.missing.len()
-            )?;
-            Ok(if report.is_clean() { 0 } else { 1 })
+            print_verify(&report, &mut out)
         }
         CacheCommand::Import { dir: src } => {
             anyhow::ensure!(src.is_dir(), "{}: not a directory", src.display());
@@ -130,19 +120,116 @@ pub fn run(args: &CacheArgs) -> Result<i32> {
         }
         CacheCommand::Evict { name } => {
             let name = FileName::parse(name).with_context(|| format!("`{name}`"))?;
-            if cache.evict(name.key())? {
-                writeln!(out, "evicted {name}")?;
-                Ok(0)
-            } else {
-                writeln!(out, "{name}: not in the cache")?;
-                Ok(1)
-            }
+            print_evicted(&name, cache.evict(name.key())?, &mut out)
         }
     }
 }
 
-fn ls(cache: &Cache, out: &mut impl Write) -> Result<()> {
-    let entries = cache.list();
+fn print_evicted(name: &FileName, evicted: bool, out: &mut impl Write) -> Result<i32> {
+    if evicted {
+        writeln!(out, "evicted {name}")?;
+        Ok(0)
+    } else {
+        writeln!(out, "{name}: not in the cache")?;
+        Ok(1)
+    }
+}
+
+fn print_verify(report: &VerifyReport, out: &mut impl Write) -> Result<i32> {
+    for c in &report.corrupt {
+        writeln!(
+            out,
+            "CORRUPT {}: sha256 {} expected {}; moved to {}",
+            c.name,
+            c.actual_sha256,
+            c.expected_sha256,
+            c.quarantined.display()
+        )?;
+    }
+    for m in &report.missing {
+        writeln!(out, "MISSING {m}: file gone; entry dropped")?;
+    }
+    let secs = report.elapsed.as_secs_f64().max(1e-9);
+    writeln!(
+        out,
+        "verified {} files, {} in {:.2}s ({:.0} MB/s): {} corrupt, {} missing",
+        report.files,
+        human_size(report.bytes),
+        secs,
+        report.bytes as f64 / secs / 1e6,
+        report.corrupt.len(),
+        report.missing.len()
+    )?;
+    Ok(if report.is_clean() { 0 } else { 1 })
+}
+
+/// `ls`, `verify` and `evict` through the admin endpoint of the appliance holding the cache.
+fn remote(args: &CacheArgs, cfg: &Config) -> Result<i32> {
+    let admin = args
+        .admin
+        .clone()
+        .unwrap_or_else(|| crate::admin::default_admin(cfg));
+    // Needed only from a management address; on the box itself loopback needs none.
+    let token = cfg
+        .admin
+        .token_file
+        .as_deref()
+        .and_then(|p| crate::admin::auth::read_token(p).ok());
+    // A verify re-reads every file: give it the time a big cache takes.
+    let client = AdminClient::new(&admin, token, std::time::Duration::from_secs(3600))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut out = std::io::stdout().lock();
+    eprintln!(
+        "cache: in use by the running appliance; asking it at {}",
+        client.base()
+    );
+    match &args.command {
+        CacheCommand::Ls => {
+            let listing: CacheListing = rt.block_on(client.get_json("/cache"))?;
+            print_listing(&listing, &mut out)?;
+            Ok(0)
+        }
+        CacheCommand::Verify => {
+            let body = rt.block_on(client.call(reqwest::Method::POST, "/cache/verify"))?;
+            let report: VerifyReport = serde_json::from_slice(&body)
+                .with_context(|| format!("{}/cache/verify: bad answer", client.base()))?;
+            print_verify(&report, &mut out)
+        }
+        CacheCommand::Evict { name } => {
+            let name = FileName::parse(name).with_context(|| format!("`{name}`"))?;
+            let path = format!("/cache/{}", percent_encode(name.as_str()));
+            match rt.block_on(client.call(reqwest::Method::DELETE, &path)) {
+                Ok(_) => print_evicted(&name, true, &mut out),
+                Err(crate::admin::client::AdminError::Status { status: 404, .. }) => {
+                    print_evicted(&name, false, &mut out)
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        CacheCommand::Import { .. } => anyhow::bail!(
+            "the cache is in use by the running appliance; stop it to import (import writes \
+             the cache directory directly)"
+        ),
+    }
+}
+
+/// Escapes what a URL path cannot carry as is; `/` stays (names have directories).
+fn percent_encode(name: &str) -> String {
+    let mut out = String::new();
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn print_listing(listing: &CacheListing, out: &mut impl Write) -> Result<()> {
+    let entries = &listing.entries;
     let now = now_millis();
     let rows: Vec<[String; 7]> = entries
         .iter()
@@ -185,12 +272,12 @@ fn ls(cache: &Cache, out: &mut impl Write) -> Result<()> {
     for r in &rows {
         writeln!(out, "{}", line(r.each_ref().map(String::as_str)))?;
     }
-    let (files, bytes) = cache.totals();
     writeln!(
         out,
-        "{files} files, {} of {}",
-        human_size(bytes),
-        human_size(cache.max_bytes())
+        "{} files, {} of {}",
+        listing.files,
+        human_size(listing.bytes),
+        human_size(listing.max_bytes)
     )?;
     Ok(())
 }

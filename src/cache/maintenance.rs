@@ -40,7 +40,7 @@ fn hash_reader(mut r: impl Read, mut on_chunk: impl FnMut(u64)) -> io::Result<(u
 }
 
 /// A file whose content no longer matches its recorded hash (or size).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CorruptFile {
     pub name: String,
     pub expected_sha256: String,
@@ -49,8 +49,8 @@ pub struct CorruptFile {
     pub quarantined: PathBuf,
 }
 
-/// What `verify` found.
-#[derive(Debug, Clone, Default)]
+/// What `verify` found (also the JSON of the admin endpoint's `POST /cache/verify`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct VerifyReport {
     pub files: u64,
     pub bytes: u64,

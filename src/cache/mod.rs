@@ -636,6 +636,15 @@ impl Cache {
         Ok(Some((entry, buf)))
     }
 
+    /// A tree of its own in the cache's sled database, for state that lives and dies with the
+    /// cache (the phones seen: `phones`). One database per directory: sled is opened once.
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, CacheError> {
+        self.inner
+            .db
+            .open_tree(name)
+            .map_err(self.inner.index_err())
+    }
+
     /// Evicts least recently used files until under quota; returns the evicted keys.
     pub fn enforce_quota(&self) -> Result<Vec<String>, CacheError> {
         self.inner.enforce_quota(None)

@@ -93,6 +93,21 @@ pub fn problems(cfg: &Config, present: &dyn Fn(&str) -> bool) -> Vec<Problem> {
         );
     }
 
+    // --- phones ---
+    let ph = &cfg.phones;
+    if ph.quiet_gap.is_zero() {
+        bad(
+            "phones.quiet_gap".into(),
+            "0 would end every boot at once; phones pause seconds between files, 2m is safe".into(),
+        );
+    }
+    if ph.forget_after < ph.quiet_gap {
+        bad(
+            "phones.forget_after".into(),
+            "shorter than phones.quiet_gap: a phone would be forgotten before its boot ends".into(),
+        );
+    }
+
     // --- cache ---
     let c = &cfg.cache;
     if c.dir.as_os_str().is_empty() {

@@ -124,6 +124,7 @@ async fn serve_file(
         Ok(f) => f,
         Err(Lookup::NotFound) => {
             metrics.request("http", "not_found");
+            crate::phones::unanswered(client.ip(), name.as_str(), "http", None);
             return plain(StatusCode::NOT_FOUND, "not found\n");
         }
         Err(Lookup::Unreachable(_)) => {
@@ -152,6 +153,7 @@ async fn serve_file(
     // follow the body's life. A failing source ends the body with an error, which aborts the
     // connection: a client never takes a truncated body for a whole one.
     let started = Instant::now();
+    crate::phones::started(client.ip(), name.as_str(), "http", found.size);
     let stream = match (found.body, found.size) {
         (FoundBody::Cached(f), Some(size)) => {
             let f = *f;
@@ -212,6 +214,8 @@ impl Drop for LoggedBody {
         let metrics = crate::metrics::global();
         metrics.sent("http", self.sent);
         let complete = !self.failed && self.size.is_none_or(|s| s == self.sent);
+        let error = (!complete).then(|| "connection closed before the end".to_string());
+        crate::phones::finished(self.client.ip(), &self.name, "http", self.sent, error);
         metrics.request("http", if complete { self.result } else { "error" });
         let duration_ms = self.started.elapsed().as_millis() as u64;
         if complete {

@@ -223,16 +223,20 @@ impl Source for TftpFront {
                 }
             };
             match self.resolver.find(&req.name).await {
-                Ok(found) => Ok(Content {
-                    size: found.size,
-                    reader: Box::pin(Guarded {
-                        inner: found.body.into_reader(),
-                        _slot: slot,
-                    }),
-                    origin: found.origin,
-                }),
+                Ok(found) => {
+                    crate::phones::started(req.client.ip(), req.name.as_str(), "tftp", found.size);
+                    Ok(Content {
+                        size: found.size,
+                        reader: Box::pin(Guarded {
+                            inner: found.body.into_reader(),
+                            _slot: slot,
+                        }),
+                        origin: found.origin,
+                    })
+                }
                 Err(Lookup::NotFound) => {
                     metrics.request("tftp", "not_found");
+                    crate::phones::unanswered(req.client.ip(), req.name.as_str(), "tftp", None);
                     Err(OpenError::NotFound)
                 }
                 Err(Lookup::Unreachable(_)) => {
@@ -250,6 +254,13 @@ impl Source for TftpFront {
     fn finished(&self, r: &TransferReport) {
         let metrics = crate::metrics::global();
         if let Some(origin) = &r.origin {
+            crate::phones::finished(
+                r.client.ip(),
+                &r.name,
+                "tftp",
+                r.bytes,
+                r.outcome.clone().err(),
+            );
             metrics.sent("tftp", r.bytes);
             metrics.request(
                 "tftp",
