@@ -109,7 +109,40 @@ fn command_section(page: &mut Roff, bin: &str, sub: &Command) {
     }
 }
 
+/// What each alert of deploy/prometheus/rules/branchtftp.rules.yml means and what to do; the
+/// alerts' `runbook` annotations point here.
+const ALERT_RUNBOOKS: [(&str, &str); 6] = [
+    ("BranchtftpDown", "Prometheus cannot scrape the appliance. Check the host is up, `systemctl status branchtftp` and `journalctl -u branchtftp`, and that admin.listen is reachable from Prometheus (a management address, not 127.0.0.1). Phones cannot boot from a branch whose appliance is down; DHCP option 150 may list the central server second."),
+    ("BranchtftpUpstreamDown", "An upstream has not answered for 10 minutes. Phones are still served from the cache; misses and the sync worker fall through to the next upstream. Run `branchtftp status` on the box for the upstream's last error, then check the WAN link and the central server."),
+    ("BranchtftpCacheNearlyFull", "The cache is over 90 % of cache.max_size: least recently used files are evicted and may come back over the WAN. Raise cache.max_size if the disk allows, or remove stale firmware with `branchtftp cache ls` and `branchtftp cache evict NAME`."),
+    ("BranchtftpSyncFailing", "Three sync passes failed and none succeeded in 20 minutes: configs and firmware at the branch are getting stale. `branchtftp status` shows the last pass's result; the journal names the files and upstream errors."),
+    ("BranchtftpTransferFailures", "More than 5 % of requests failed over 15 minutes: the server is busy (access.max_transfers, access.max_per_client), upstreams fail on misses, or clients are cut off. The journal logs every failed transfer with its client and reason."),
+    ("BranchtftpPhonesStuck", "Phones whose last boot did not finish or whose firmware download stopped. `branchtftp phones --stuck` lists them with the file and byte offset where they stopped and their last error; power-cycle the phone after fixing the cause (a missing image, a link dropping large transfers)."),
+];
+
 fn extra_sections(page: &mut Roff) {
+    page.control("SH", ["ADMIN ENDPOINT"]);
+    page.text([roman(
+        "admin.listen serves GET /healthz, /status, /metrics, /phones and /cache to whoever reaches \
+         it, so it may be a management address a fleet's Prometheus scrapes. Calls that change state \
+         (POST /sync, POST /cache/verify, DELETE /cache/NAME) are refused with 403 unless they come \
+         from loopback (127.0.0.0/8, ::1) or carry Authorization: Bearer TOKEN, where TOKEN is the \
+         content of admin.token_file. The token file must be owned by the service user and readable \
+         by it alone (chmod 600); serve refuses to start with a token others can read. The cache \
+         commands send the token when they can read the file.",
+    )]);
+
+    page.control("SH", ["FLEET ALERTS"]);
+    page.text([roman(
+        "The alert rules in /usr/share/doc/branchtftp/prometheus (deploy/prometheus in the source) \
+         point their runbook annotation at these entries.",
+    )]);
+    for (alert, what) in ALERT_RUNBOOKS {
+        page.control("TP", []);
+        page.text([bold(alert)]);
+        page.text([roman(what)]);
+    }
+
     page.control("SH", ["CONFIGURATION"]);
     page.text([
         roman(

@@ -4,7 +4,7 @@
 #   bash tests/run.sh [extra args for the test runner, e.g. a test name filter]
 #
 # 1. Installs the real TFTP peers the interop tests talk to (tftpd-hpa, tftp-hpa, atftp,
-#    busybox, curl) when one is missing: `apt-get update` once, then `apt-get install`.
+#    busybox, curl) and Prometheus (promtool, for tests/fleet.rs) when one is missing: `apt-get update` once, then `apt-get install`.
 #    Reruns skip this, so they are fast.
 # 2. Unpacks atftpd (the packaged server that speaks windowsize; apt cannot install it next to
 #    tftpd-hpa) into target/peers/atftpd and exports ATFTPD for the tests.
@@ -48,12 +48,14 @@ command -v tftp >/dev/null || missing+=(tftp-hpa)
 command -v atftp >/dev/null || missing+=(atftp)
 command -v busybox >/dev/null || missing+=(busybox)
 command -v curl >/dev/null || missing+=(curl)
+# promtool and the server itself, for the fleet tests (tests/fleet.rs).
+command -v promtool >/dev/null || missing+=(prometheus)
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_update_once
     log "installing ${missing[*]}"
     # Install the full set in one go: it is what peers.md documents and CI expects.
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        tftpd-hpa tftp-hpa atftp busybox curl >/dev/null
+        tftpd-hpa tftp-hpa atftp busybox curl prometheus >/dev/null
 fi
 
 # --- 2. atftpd, unpacked (not installed) ------------------------------------------------------

@@ -129,6 +129,12 @@ async fn serve_file(
         }
         Err(Lookup::Unreachable(_)) => {
             metrics.request("http", "error");
+            crate::phones::unanswered(
+                client.ip(),
+                name.as_str(),
+                "http",
+                Some("upstream unreachable"),
+            );
             return plain(StatusCode::BAD_GATEWAY, "upstream unreachable\n");
         }
         Err(Lookup::Failed(why)) => {

@@ -241,6 +241,12 @@ impl Source for TftpFront {
                 }
                 Err(Lookup::Unreachable(_)) => {
                     metrics.request("tftp", "error");
+                    crate::phones::unanswered(
+                        req.client.ip(),
+                        req.name.as_str(),
+                        "tftp",
+                        Some("upstream unreachable"),
+                    );
                     Err(OpenError::Unavailable("upstream unreachable".into()))
                 }
                 Err(Lookup::Failed(why)) => {

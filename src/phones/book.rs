@@ -73,6 +73,9 @@ pub struct Boot {
     pub last_activity: u64,
     /// Set when the quiet gap ended it.
     pub ended: Option<u64>,
+    /// Whether it completed, decided when it ended.
+    #[serde(default)]
+    pub complete: bool,
     #[serde(skip)]
     pub in_flight: u32,
     pub config_fetched: bool,
@@ -197,6 +200,7 @@ impl Boot {
             started: at,
             last_activity: at,
             ended: None,
+            complete: false,
             in_flight: 0,
             config_fetched: false,
             loads_fetched: false,
@@ -415,7 +419,10 @@ impl PhoneBook {
             } else {
                 PhoneState::Booting
             }
-        } else if boot.config_fetched && !boot.firmware_outstanding(images) {
+        } else if boot.ended.map_or(
+            boot.config_fetched && !boot.firmware_outstanding(images),
+            |_| boot.complete,
+        ) {
             PhoneState::Booted
         } else {
             PhoneState::Stuck
@@ -484,7 +491,8 @@ fn close_boot(phone: &mut Phone, load_images: &HashMap<String, Vec<String>>) -> 
         .and_then(|l| load_images.get(&l.to_ascii_lowercase()));
     let boot = phone.boot.as_mut().filter(|b| b.ended.is_none())?;
     boot.ended = Some(boot.last_activity);
-    if !boot.config_fetched || boot.firmware_outstanding(images) {
+    boot.complete = boot.config_fetched && !boot.firmware_outstanding(images);
+    if !boot.complete {
         return None;
     }
     let seconds = boot.last_activity.saturating_sub(boot.started) as f64 / 1000.0;
@@ -770,6 +778,26 @@ mod tests {
         let end = p.now;
         b.tick(end + 60_000, u64::MAX);
         assert_eq!(b.report(end + 60_000)[0].state, PhoneState::Stuck);
+    }
+
+    #[test]
+    fn a_boot_ended_incomplete_stays_stuck_after_a_restart() {
+        let lib = library();
+        let mut b = book();
+        let mut p = Phone1 {
+            book: &mut b,
+            lib: &lib,
+            ip: "10.0.0.7".parse().unwrap(),
+            now: 0,
+        };
+        p.get(&format!("SEP{MAC}.cnf.xml"), 100, None);
+        p.get("SIP41.9-4-2.loads", 50, None);
+        p.get("apps41.sbn", 1000, None);
+        b.tick(100_000, u64::MAX);
+        let mut again = book();
+        again.restore(b.take_changes().0.remove(0));
+        // The load's image list is not kept; the verdict taken at the end of the boot is.
+        assert_eq!(again.report(100_000)[0].state, PhoneState::Stuck);
     }
 
     #[test]
