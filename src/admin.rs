@@ -19,6 +19,10 @@ pub trait SyncControl: Send + Sync {
     fn status(&self) -> SyncStatus;
     /// Starts a pass now (POST /sync).
     fn trigger(&self);
+    /// Readiness of the firmware loads the branch knows.
+    fn loads(&self) -> Vec<crate::sync::LoadReadiness> {
+        Vec::new()
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -58,6 +62,9 @@ pub struct Status {
     pub upstreams: Vec<UpstreamStatusJson>,
     pub sync: SyncStatus,
     pub transfers: Transfers,
+    /// Firmware loads named by configs or planned in `sync.loads`, with their readiness.
+    #[serde(default)]
+    pub loads: Vec<crate::sync::LoadReadiness>,
 }
 
 #[derive(Clone)]
@@ -119,6 +126,7 @@ impl AdminState {
             transfers: Transfers {
                 active: self.gate.active() as u64,
             },
+            loads: self.sync.as_ref().map(|s| s.loads()).unwrap_or_default(),
         }
     }
 }
@@ -142,6 +150,10 @@ async fn metrics(State(st): State<AdminState>) -> Response {
         let (files, bytes) = f.cache().totals();
         m.cache_files.set(files as i64);
         m.cache_bytes.set(bytes as i64);
+    }
+    if let Some(s) = &st.sync {
+        let loads: Vec<(String, bool)> = s.loads().into_iter().map(|l| (l.name, l.ready)).collect();
+        m.set_loads_ready(&loads);
     }
     (
         [(
@@ -289,6 +301,10 @@ pub fn render_status(st: &Status) -> String {
             ago(now, u.last_ok),
             u.last_error.as_deref().unwrap_or("-")
         );
+    }
+    if !st.loads.is_empty() {
+        o.push('\n');
+        o.push_str(&crate::sync::loads::render_table(&st.loads));
     }
     o
 }

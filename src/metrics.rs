@@ -42,6 +42,12 @@ pub struct ResultLabels {
 
 pub type ActiveGauge = Gauge<i64, std::sync::atomic::AtomicI64>;
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoadLabels {
+    /// A firmware load the branch knows (named by its configs or planned): a handful.
+    pub load: String,
+}
+
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub sent_bytes: Family<ProtocolLabels, Counter>,
@@ -52,6 +58,7 @@ pub struct Metrics {
     pub transfers_active: Family<ProtocolLabels, ActiveGauge>,
     pub sync_passes: Family<ResultLabels, Counter>,
     pub upstream_fetches: Counter<u64, AtomicU64>,
+    pub load_ready: Family<LoadLabels, Gauge>,
     active_tftp: ActiveGauge,
     active_http: ActiveGauge,
     registry: Registry,
@@ -102,6 +109,12 @@ impl Metrics {
             "Shared upstream fetches started by misses (one per name however many clients wait)",
             upstream_fetches.clone(),
         );
+        let load_ready = Family::<LoadLabels, Gauge>::default();
+        registry.register(
+            "load_ready",
+            "1 when every image of a firmware load is cached, 0 while some are missing",
+            load_ready.clone(),
+        );
         // Families appear in the exposition once they have a sample; give the fixed ones zero.
         for p in ["tftp", "http"] {
             let _ = transfers_active.get_or_create(&ProtocolLabels { protocol: p });
@@ -125,6 +138,7 @@ impl Metrics {
             transfers_active,
             sync_passes,
             upstream_fetches,
+            load_ready,
             registry,
         }
     }
@@ -175,6 +189,16 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition.
+    /// Sets `branchtftp_load_ready` to exactly these loads (a load no longer known leaves).
+    pub fn set_loads_ready(&self, loads: &[(String, bool)]) {
+        self.load_ready.clear();
+        for (load, ready) in loads {
+            self.load_ready
+                .get_or_create(&LoadLabels { load: load.clone() })
+                .set(*ready as i64);
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
