@@ -7,7 +7,7 @@
 //! config's root (`<device>`, `<Default>`). A rejected update keeps the old version; the
 //! caller logs why. Other files (firmware is versioned and never replaced) are not checked.
 
-use std::io::Read;
+use std::io::{Read, Write};
 
 use crate::cache::Publisher;
 
@@ -15,7 +15,7 @@ use crate::cache::Publisher;
 const MAX_CHECKED: u64 = 8 << 20;
 
 /// Checks the body a publisher holds before it replaces a cached version of its name.
-pub fn check_replacement(publisher: &Publisher) -> Result<(), String> {
+pub fn check_replacement(publisher: &mut Publisher) -> Result<(), String> {
     let name = publisher.name().key().to_string();
     let kind = Kind::of(&name);
     if kind == Kind::Unchecked {
@@ -28,6 +28,9 @@ pub fn check_replacement(publisher: &Publisher) -> Result<(), String> {
             kind.what()
         ));
     }
+    publisher
+        .flush()
+        .map_err(|e| format!("cannot read the new version back: {e}"))?;
     let mut body = Vec::with_capacity(publisher.written() as usize);
     publisher
         .open_reader()

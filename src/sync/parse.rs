@@ -510,6 +510,39 @@ mod tests {
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
+    #[test]
+    fn hundred_thousand_distinct_images_parse_in_linear_time() {
+        let mut text = String::new();
+        for i in 0..100_000 {
+            text.push_str(&format!("image{i:06}.sbn\r\nIMAGE{i:06}.SBN\r\n"));
+        }
+        let started = std::time::Instant::now();
+        assert_eq!(loads_images(text.as_bytes()).len(), 100_000);
+        // Quadratic duplicate checks take minutes here; a hash set takes milliseconds
+        // (optimized; an unoptimized build is about ten times slower).
+        let limit = if cfg!(debug_assertions) { 20 } else { 2 };
+        assert!(started.elapsed() < std::time::Duration::from_secs(limit));
+        assert_eq!(loads_entries(text.as_bytes(), 11).len(), 11);
+    }
+
+    #[test]
+    fn config_list_reader_holds_one_bounded_line_and_stops_at_its_limit() {
+        let mut r = ConfigListReader::new(2);
+        r.feed(b"SEP001122AABBCC.cnf");
+        r.feed(b".xml 12\n");
+        r.feed(&[b'x'; 5000]);
+        r.feed(b"\nXMLDefault.cnf.xml 3\nSEP0011223344FF.cnf.xml 1\n");
+        assert!(r.full());
+        assert!(r.line.capacity() <= 4 * MAX_LIST_LINE);
+        assert_eq!(
+            r.finish(),
+            [
+                ("SEP001122AABBCC.cnf.xml".to_string(), Some(12)),
+                ("XMLDefault.cnf.xml".to_string(), Some(3)),
+            ]
+        );
+    }
+
     mod never_panic {
         use super::super::*;
         use proptest::prelude::*;

@@ -708,7 +708,7 @@ impl Syncer {
         }
         if old.is_some() {
             // A proxy's 200 error page must not replace a good trust list or config.
-            if let Err(why) = super::content::check_replacement(&publisher) {
+            if let Err(why) = super::content::check_replacement(&mut publisher) {
                 warn!(name = %name, upstream = source, "sync: update refused, old version kept: {why}");
                 return Outcome::Failed(format!("update refused, old version kept: {why}"));
             }
