@@ -25,6 +25,10 @@ pub trait SyncControl: Send + Sync {
     fn status(&self) -> SyncStatus;
     /// Starts a pass now (POST /sync).
     fn trigger(&self);
+    /// Readiness of the firmware loads the branch knows.
+    fn loads(&self) -> Vec<crate::sync::LoadReadiness> {
+        Vec::new()
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -67,6 +71,9 @@ pub struct Status {
     /// Absent from an appliance that keeps no phones view.
     #[serde(default)]
     pub phones: Option<crate::phones::PhonesSummary>,
+    /// Firmware loads named by configs or planned in `sync.loads`, with their readiness.
+    #[serde(default)]
+    pub loads: Vec<crate::sync::LoadReadiness>,
 }
 
 #[derive(Clone)]
@@ -133,6 +140,7 @@ impl AdminState {
                 active: self.gate.active() as u64,
             },
             phones: self.phones.as_ref().map(|p| p.summary()),
+            loads: self.sync.as_ref().map(|s| s.loads()).unwrap_or_default(),
         }
     }
 }
@@ -172,6 +180,10 @@ async fn metrics(State(st): State<AdminState>) -> Response {
         m.cache_files.set(files as i64);
         m.cache_bytes.set(bytes as i64);
         m.cache_max_bytes.set(f.cache().max_bytes() as i64);
+    }
+    if let Some(s) = &st.sync {
+        let loads: Vec<(String, bool)> = s.loads().into_iter().map(|l| (l.name, l.ready)).collect();
+        m.set_loads_ready(&loads);
     }
     (
         [(
@@ -334,6 +346,10 @@ pub fn render_status(st: &Status) -> String {
             ago(now, u.last_ok),
             u.last_error.as_deref().unwrap_or("-")
         );
+    }
+    if !st.loads.is_empty() {
+        o.push('\n');
+        o.push_str(&crate::sync::loads::render_table(&st.loads));
     }
     o
 }

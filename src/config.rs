@@ -187,6 +187,44 @@ pub struct SyncConfig {
     /// Background sync bandwidth cap in bits per second (`4Mbit/s` in YAML); 0 means none.
     #[serde(with = "rate_serde")]
     pub max_rate: u64,
+    /// Daily local-time windows per class; outside them the class waits (misses never do).
+    pub windows: SyncWindows,
+    /// Planned loads (`.loads` names, extension optional) staged and pinned before any config
+    /// names them.
+    pub loads: Vec<String>,
+    /// A `.loads` listing more images than this is refused (real loads list about a dozen).
+    pub max_load_images: usize,
+    /// Pinned firmware may take at most this share of `cache.max_size` (percent, `50%`).
+    #[serde(with = "percent_serde")]
+    pub max_pinned: u8,
+}
+
+/// `sync.windows`: per class, `always` or a list of daily windows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyncWindows {
+    pub config: ClassWindows,
+    pub defaults: ClassWindows,
+    pub locale: ClassWindows,
+    pub firmware: ClassWindows,
+    pub other: ClassWindows,
+}
+
+/// `always`, one window (`"22:00-06:00"`) or a list of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ClassWindows {
+    #[default]
+    Always,
+    Windows(Vec<WindowSpec>),
+}
+
+/// One window as written: `"22:00-06:00"` or `{at: "22:00-06:00", max_rate: 0}`. Checked by
+/// validation (`sync::windows`), so a bad one is reported at its line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowSpec {
+    pub at: String,
+    /// Bits per second inside this window; `None`: `sync.max_rate`.
+    pub max_rate: Option<u64>,
 }
 
 impl Default for SyncConfig {
@@ -200,6 +238,10 @@ impl Default for SyncConfig {
             negative_ttl: Duration::from_secs(30),
             remove_after: 3,
             max_rate: 0,
+            windows: SyncWindows::default(),
+            loads: Vec::new(),
+            max_load_images: 256,
+            max_pinned: 50,
         }
     }
 }
@@ -770,6 +812,142 @@ mod duration_serde {
     }
 }
 
+/// `sync.max_pinned`: a share of the cache written `50%` (or a plain number of percent).
+mod percent_serde {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u8, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{v}%"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+        let v = super::unit_number::deserialize(d, "a share such as 50%", |s| {
+            s.trim()
+                .strip_suffix('%')
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .ok_or_else(|| format!("`{s}` is not a share; write e.g. 50%"))
+        })?;
+        // Out of range values are reported by validation, at their line.
+        Ok(v.min(u8::MAX as u64) as u8)
+    }
+}
+
+/// `sync.windows.CLASS`: `always`, one window string, or a list of strings and
+/// `{at, max_rate}` maps.
+mod windows_serde {
+    use std::fmt;
+
+    use serde::de::{self, MapAccess, SeqAccess, Visitor};
+    use serde::ser::SerializeSeq;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{ClassWindows, WindowSpec};
+
+    impl Serialize for ClassWindows {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            match self {
+                ClassWindows::Always => s.serialize_str("always"),
+                ClassWindows::Windows(list) => {
+                    let mut seq = s.serialize_seq(Some(list.len()))?;
+                    for w in list {
+                        seq.serialize_element(w)?;
+                    }
+                    seq.end()
+                }
+            }
+        }
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct WithRate {
+        at: String,
+        /// `UNSET` when the map gives none: `sync.max_rate` applies.
+        #[serde(default = "unset", with = "super::rate_serde")]
+        max_rate: u64,
+    }
+
+    const UNSET: u64 = u64::MAX;
+
+    fn unset() -> u64 {
+        UNSET
+    }
+
+    impl Serialize for WindowSpec {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            match self.max_rate {
+                None => s.serialize_str(&self.at),
+                Some(max_rate) => WithRate {
+                    at: self.at.clone(),
+                    max_rate,
+                }
+                .serialize(s),
+            }
+        }
+    }
+
+    impl<'de> Deserialize<'de> for WindowSpec {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<WindowSpec, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = WindowSpec;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str(
+                        "a window such as \"22:00-06:00\" or {at: \"22:00-06:00\", max_rate: 0}",
+                    )
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<WindowSpec, E> {
+                    Ok(WindowSpec {
+                        at: v.to_string(),
+                        max_rate: None,
+                    })
+                }
+                fn visit_map<A: MapAccess<'de>>(self, m: A) -> Result<WindowSpec, A::Error> {
+                    let w = WithRate::deserialize(de::value::MapAccessDeserializer::new(m))?;
+                    Ok(WindowSpec {
+                        at: w.at,
+                        max_rate: (w.max_rate != UNSET).then_some(w.max_rate),
+                    })
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for ClassWindows {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<ClassWindows, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = ClassWindows;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("`always` or a list of daily windows such as [\"22:00-06:00\"]")
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<ClassWindows, E> {
+                    if v.trim().eq_ignore_ascii_case("always") {
+                        Ok(ClassWindows::Always)
+                    } else {
+                        Ok(ClassWindows::Windows(vec![WindowSpec {
+                            at: v.to_string(),
+                            max_rate: None,
+                        }]))
+                    }
+                }
+                fn visit_seq<A: SeqAccess<'de>>(
+                    self,
+                    mut seq: A,
+                ) -> Result<ClassWindows, A::Error> {
+                    let mut list = Vec::new();
+                    while let Some(w) = seq.next_element::<WindowSpec>()? {
+                        list.push(w);
+                    }
+                    Ok(ClassWindows::Windows(list))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+}
+
 /// Sizes and rates share one shape: a plain number, or a string with a unit.
 mod unit_number {
     use std::fmt;
@@ -967,6 +1145,73 @@ access:
             assert!(yaml.contains(needle), "{needle} missing from\n{yaml}");
         }
         assert_eq!(Config::from_yaml(&yaml, "effective").unwrap(), cfg);
+    }
+
+    #[test]
+    fn rollout_windows_and_planned_loads_parse_and_round_trip() {
+        let cfg = Config::from_yaml(
+            "sync:\n  max_rate: 2Mbit/s\n  windows:\n    config: always\n    locale: \"01:00-05:00\"\n    firmware:\n      - {at: \"22:00-06:00\", max_rate: 0}\n      - \"12:00-13:00\"\n  loads: [sip8845_65.14-3-1-0001-13]\n  max_pinned: 40%\n",
+            "b.yaml",
+        )
+        .unwrap();
+        let w = &cfg.sync.windows;
+        assert_eq!(w.config, ClassWindows::Always);
+        assert_eq!(
+            w.locale,
+            ClassWindows::Windows(vec![WindowSpec {
+                at: "01:00-05:00".into(),
+                max_rate: None
+            }])
+        );
+        assert_eq!(
+            w.firmware,
+            ClassWindows::Windows(vec![
+                WindowSpec {
+                    at: "22:00-06:00".into(),
+                    max_rate: Some(0)
+                },
+                WindowSpec {
+                    at: "12:00-13:00".into(),
+                    max_rate: None
+                }
+            ])
+        );
+        assert_eq!(cfg.sync.loads, ["sip8845_65.14-3-1-0001-13"]);
+        assert_eq!(cfg.sync.max_pinned, 40);
+        let yaml = cfg.effective_yaml();
+        assert!(yaml.contains("max_pinned: 40%"), "{yaml}");
+        assert_eq!(Config::from_yaml(&yaml, "effective").unwrap(), cfg);
+    }
+
+    #[test]
+    fn overlapping_or_malformed_windows_point_at_the_item() {
+        assert_eq!(
+            error_of("sync:\n  windows:\n    firmware: [\"22:00-06:00\", \"05:00-07:00\"]\n"),
+            "branchtftp.yaml:3:31: sync.windows.firmware[1]: `05:00-07:00` overlaps `22:00-06:00` \
+             (item 0); merge them into one window"
+        );
+        assert_eq!(
+            error_of("sync:\n  windows:\n    firmware:\n      - at: \"22:00-06:00\"\n        max_rate: 0\n      - at: \"25:00-01:00\"\n"),
+            "branchtftp.yaml:6:9: sync.windows.firmware[1]: `25:00-01:00`: `25:00` is not a time of \
+             day: write a daily window as HH:MM-HH:MM in local time, e.g. 22:00-06:00"
+        );
+        assert_eq!(
+            error_of("sync:\n  windows:\n    locale: \"night\"\n"),
+            "branchtftp.yaml:3:5: sync.windows.locale: `night` is not a window: write a daily window \
+             as HH:MM-HH:MM in local time, e.g. 22:00-06:00"
+        );
+        assert!(
+            error_of("sync:\n  windows:\n    firmware: {at: \"22:00-06:00\", rate: 1}\n")
+                .starts_with("branchtftp.yaml:3:")
+        );
+        assert!(error_of("sync:\n  windows:\n    weekly: always\n")
+            .contains("sync.windows.weekly: unknown field `weekly`"));
+        assert_eq!(
+            error_of("sync:\n  loads: [\"../x\"]\n  max_pinned: 150%\n"),
+            "branchtftp.yaml:2:11: sync.loads[0]: `../x`: a load is one file name, without a directory\n\
+             branchtftp.yaml:3:3: sync.max_pinned: 150% is outside 1%..=100% of cache.max_size; 50% \
+             leaves room for everything else"
+        );
     }
 
     #[test]

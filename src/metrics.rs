@@ -54,6 +54,12 @@ const BOOT_SECONDS_BUCKETS: [f64; 12] = [
 
 pub type ActiveGauge = Gauge<i64, std::sync::atomic::AtomicI64>;
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoadLabels {
+    /// A firmware load the branch knows (named by its configs or planned): a handful.
+    pub load: String,
+}
+
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub sent_bytes: Family<ProtocolLabels, Counter>,
@@ -69,6 +75,7 @@ pub struct Metrics {
     pub phone_boots: Counter,
     pub phone_boot_seconds: Histogram,
     pub phone_observations_dropped: Counter,
+    pub load_ready: Family<LoadLabels, Gauge>,
     active_tftp: ActiveGauge,
     active_http: ActiveGauge,
     registry: Registry,
@@ -153,6 +160,12 @@ impl Metrics {
         for state in ["seen", "booting", "upgrading", "stuck"] {
             let _ = phones.get_or_create(&StateLabels { state });
         }
+        let load_ready = Family::<LoadLabels, Gauge>::default();
+        registry.register(
+            "load_ready",
+            "1 when every image of a firmware load is cached, 0 while some are missing",
+            load_ready.clone(),
+        );
         // Families appear in the exposition once they have a sample; give the fixed ones zero.
         for p in ["tftp", "http"] {
             let _ = transfers_active.get_or_create(&ProtocolLabels { protocol: p });
@@ -181,6 +194,7 @@ impl Metrics {
             phone_boots,
             phone_boot_seconds,
             phone_observations_dropped,
+            load_ready,
             registry,
         }
     }
@@ -249,6 +263,16 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition.
+    /// Sets `branchtftp_load_ready` to exactly these loads (a load no longer known leaves).
+    pub fn set_loads_ready(&self, loads: &[(String, bool)]) {
+        self.load_ready.clear();
+        for (load, ready) in loads {
+            self.load_ready
+                .get_or_create(&LoadLabels { load: load.clone() })
+                .set(*ready as i64);
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)

@@ -191,6 +191,44 @@ pub fn problems(cfg: &Config, present: &dyn Fn(&str) -> bool) -> Vec<Problem> {
             bad(format!("sync.prefetch[{i}]"), format!("`{name}`: {e}"));
         }
     }
+    for (class, w) in [
+        ("config", &s.windows.config),
+        ("defaults", &s.windows.defaults),
+        ("locale", &s.windows.locale),
+        ("firmware", &s.windows.firmware),
+        ("other", &s.windows.other),
+    ] {
+        if let Err((i, problem)) = crate::sync::windows::class_windows(w) {
+            let item = format!("sync.windows.{class}[{i}]");
+            // A single window written as a plain string has no item of its own.
+            let key = if present(&item) {
+                item
+            } else {
+                format!("sync.windows.{class}")
+            };
+            bad(key, problem);
+        }
+    }
+    for (i, load) in s.loads.iter().enumerate() {
+        if let Err(e) = crate::sync::loads::planned_file(load) {
+            bad(format!("sync.loads[{i}]"), format!("`{load}`: {e}"));
+        }
+    }
+    if s.max_load_images == 0 {
+        bad(
+            "sync.max_load_images".into(),
+            "must be at least 1: a load lists one image or more".into(),
+        );
+    }
+    if !(1..=100).contains(&s.max_pinned) {
+        bad(
+            "sync.max_pinned".into(),
+            format!(
+                "{}% is outside 1%..=100% of cache.max_size; 50% leaves room for everything else",
+                s.max_pinned
+            ),
+        );
+    }
     if s.remove_after == 0 {
         bad(
             "sync.remove_after".into(),

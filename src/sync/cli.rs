@@ -2,6 +2,11 @@
 //! branch), with a progress bar on a terminal and plain log lines otherwise, then a summary
 //! table. Exit 0 when the central server answered (even if some files failed: the table says
 //! which), 1 when the central (first) upstream was unreachable, 2 on a usage or setup problem.
+//! The pass keeps to `sync.windows` like the appliance's own.
+//!
+//! `branchtftp sync --loads`: stages the planned loads (`sync.loads`) now, whatever the
+//! windows say (a box being prepared before it ships), with the same progress, then the
+//! readiness table. Exit 0 when every planned load is ready, 1 otherwise.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -21,8 +26,12 @@ use crate::upstream::UpstreamChain;
 pub struct SyncArgs {
     /// Run one full pass now and exit (the running appliance syncs by itself; POST /sync on
     /// its admin endpoint starts a pass there).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "loads")]
     pub once: bool,
+    /// Stage the planned loads (sync.loads) now, ignoring sync.windows, then show their
+    /// readiness.
+    #[arg(long)]
+    pub loads: bool,
     /// Configuration file [default: $BRANCHTFTP_CONFIG, else /etc/branchtftp/branchtftp.yaml
     /// if it exists, else built-in defaults]
     #[arg(short = 'c', long = "config", value_name = "FILE")]
@@ -31,10 +40,10 @@ pub struct SyncArgs {
 
 /// Runs `sync --once`; returns the exit code.
 pub async fn run(args: &SyncArgs) -> Result<i32> {
-    if !args.once {
+    if !args.once && !args.loads {
         eprintln!(
-            "branchtftp sync: only --once is supported here; a running appliance syncs on its own \
-             schedule (POST /sync on its admin endpoint starts a pass now)"
+            "branchtftp sync: give --once (one full pass) or --loads (stage the planned loads); a \
+             running appliance syncs on its own schedule (POST /sync on its admin endpoint starts a pass now)"
         );
         return Ok(2);
     }
@@ -54,12 +63,20 @@ pub async fn run(args: &SyncArgs) -> Result<i32> {
     let syncer = Syncer::new(fetcher.clone(), cfg.sync.clone());
 
     let progress = OnceProgress::new();
-    let report = syncer.pass(Scope::Full, &progress).await;
+    let scope = if args.loads {
+        Scope::PlannedLoads
+    } else {
+        Scope::Full
+    };
+    let report = syncer.pass(scope, &progress).await;
     progress.finish();
     syncer.save_known();
     cache.flush()?;
 
     let mut out = std::io::stdout().lock();
+    if args.loads {
+        return planned_loads_summary(&mut out, &syncer, &report, &cfg);
+    }
     write_summary(&mut out, &report, &fetcher.chain())?;
     Ok(match report.result {
         PassResult::Unreachable => {
@@ -72,6 +89,36 @@ pub async fn run(args: &SyncArgs) -> Result<i32> {
         PassResult::NoUpstreams => 2,
         PassResult::Ok | PassResult::Partial => 0,
     })
+}
+
+/// `sync --loads`: the readiness of every planned load; exit 0 when all are ready.
+fn planned_loads_summary(
+    out: &mut impl Write,
+    syncer: &Syncer,
+    report: &PassReport,
+    cfg: &Config,
+) -> Result<i32> {
+    if cfg.sync.loads.is_empty() {
+        writeln!(out, "no planned loads: list them under sync.loads")?;
+        return Ok(0);
+    }
+    let planned: Vec<_> = syncer
+        .load_readiness()
+        .into_iter()
+        .filter(|l| l.planned)
+        .collect();
+    write!(out, "{}", super::loads::render_table(&planned))?;
+    for p in &report.problems {
+        writeln!(out, "  {p}")?;
+    }
+    let ready = planned.iter().filter(|l| l.ready).count();
+    writeln!(
+        out,
+        "{ready} of {} planned loads ready; {} from upstreams",
+        planned.len(),
+        human_size(report.wan_bytes)
+    )?;
+    Ok(if ready == planned.len() { 0 } else { 1 })
 }
 
 /// A bar on a terminal, one line per file otherwise.
@@ -198,6 +245,14 @@ pub fn write_summary(
             }
             _ => writeln!(out, "upstream {:<40} {state}", s.url)?,
         }
+    }
+    if !r.held.is_empty() {
+        let held: Vec<&str> = r.held.iter().map(|c| c.as_str()).collect();
+        writeln!(
+            out,
+            "outside their sync.windows, not synced: {} (sync --loads stages planned loads now)",
+            held.join(", ")
+        )?;
     }
     writeln!(
         out,

@@ -13,10 +13,13 @@
 //! endpoint (status, `POST /sync`) and for reloads; [`cli`] is `branchtftp sync --once`.
 
 pub mod cli;
+pub mod content;
 mod known;
+pub mod loads;
 pub mod parse;
 mod pass;
 mod throttle;
+pub mod windows;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,10 +31,12 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 pub use known::{KnownName, Reason};
+pub use loads::LoadReadiness;
 pub use pass::{
     class_index, interval_of, LogProgress, Outcome, PassReport, PassResult, Progress, Scope, Tally,
     CLASSES,
 };
+pub use windows::{SystemClock, WallClock};
 
 use crate::cache::FileClass;
 use crate::config::SyncConfig;
@@ -51,14 +56,29 @@ pub struct Syncer {
     memo: Mutex<HashMap<String, Arc<ConfigRefs>>>,
     /// Names a config points at that no upstream had, until when to not ask again.
     absent: Mutex<HashMap<String, Instant>>,
+    /// The local wall clock `sync.windows` are read on.
+    clock: Arc<dyn WallClock>,
+    /// Firmware files (key, sha256) whose content was re-hashed to their recorded sha256.
+    verified: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 impl Syncer {
     /// A syncer over the fetcher's cache and chain; loads the known names kept in the cache
     /// directory.
     pub fn new(fetcher: Arc<Fetcher>, settings: SyncConfig) -> Arc<Syncer> {
+        Syncer::with_clock(fetcher, settings, Arc::new(SystemClock))
+    }
+
+    /// [`Syncer::new`] reading `sync.windows` on `clock` instead of the box's local time.
+    pub fn with_clock(
+        fetcher: Arc<Fetcher>,
+        settings: SyncConfig,
+        clock: Arc<dyn WallClock>,
+    ) -> Arc<Syncer> {
         let known = KnownNames::load(fetcher.cache().dir());
         Arc::new(Syncer {
+            clock,
+            verified: Mutex::new(Default::default()),
             throttle: Throttle::new(settings.max_rate),
             settings: RwLock::new(settings),
             fetcher,
@@ -74,7 +94,9 @@ impl Syncer {
 
     /// Applies a reloaded `sync` section (intervals, prefetch, rate, …).
     pub fn reconfigure(&self, settings: SyncConfig) {
-        self.throttle.set_rate(settings.max_rate);
+        let now = self.clock.now();
+        self.throttle
+            .set_rate(windows::Schedule::of(&settings).rate(&now, settings.max_rate));
         *self.settings.write().unwrap() = settings;
         self.absent.lock().unwrap().clear();
     }
@@ -248,6 +270,8 @@ async fn run(h: SyncHandle) {
     let now = Instant::now();
     let mut last_run: [Instant; 5] = [now; 5];
     let mut due: [Instant; 5] = [now; 5];
+    // Classes whose window was closed when they fell due: they stay due until it opens.
+    let mut held = [false; 5];
     let mut first = true;
     loop {
         if h.state.rescheduled.swap(false, Ordering::SeqCst) {
@@ -279,6 +303,10 @@ async fn run(h: SyncHandle) {
             let ended = Instant::now();
             for c in &classes {
                 let i = class_index(*c);
+                held[i] = report.held.contains(c);
+                if held[i] {
+                    continue;
+                }
                 last_run[i] = ended;
                 due[i] = ended + jittered(interval_of(&s, *c));
             }
@@ -300,7 +328,14 @@ async fn run(h: SyncHandle) {
             }
         }
         h.syncer.save_known();
-        let next = *due.iter().min().expect("five classes");
+        let edge = Instant::now()
+            + h.syncer
+                .next_window_change()
+                .unwrap_or(Duration::from_secs(60));
+        let next = (0..5)
+            .map(|i| if held[i] { due[i].max(edge) } else { due[i] })
+            .min()
+            .expect("five classes");
         {
             let wait = next.saturating_duration_since(Instant::now());
             h.state.status.lock().unwrap().next_pass = Some(unix_secs(SystemTime::now() + wait));
@@ -357,5 +392,9 @@ impl crate::admin::SyncControl for SyncHandle {
 
     fn trigger(&self) {
         SyncHandle::trigger(self)
+    }
+
+    fn loads(&self) -> Vec<LoadReadiness> {
+        self.syncer.load_readiness()
     }
 }

@@ -154,22 +154,39 @@ fn clean_value(raw: &str) -> Option<String> {
 /// header is padded with 0x0D. Lines: `#` comments, blank lines, trailing spaces, and the
 /// `name size md5` variant (first field only).
 pub fn loads_images(data: &[u8]) -> Vec<String> {
+    loads_entries(data, usize::MAX)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect()
+}
+
+/// The images a `.loads` file lists, each with the size the line gives (`name size md5`
+/// variant), without duplicates (case-insensitive, checked in constant time per line), at most
+/// `limit` of them: the caller asks for one more than it accepts to learn that a list is too
+/// long without reading the rest.
+pub fn loads_entries(data: &[u8], limit: usize) -> Vec<(String, Option<u64>)> {
     let text = &data[text_start(data)..];
-    let mut out: Vec<String> = Vec::new();
+    let mut out: Vec<(String, Option<u64>)> = Vec::new();
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
     for line in text.split(|&b| b == b'\n' || b == b'\r') {
+        if out.len() >= limit {
+            break;
+        }
         let line = String::from_utf8_lossy(line);
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let Some(first) = line.split_whitespace().next() else {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else {
             continue;
         };
         if !is_image_name(first) {
             continue;
         }
-        if !out.iter().any(|x| x.eq_ignore_ascii_case(first)) {
-            out.push(first.to_string());
+        if seen.insert(first.to_ascii_lowercase()) {
+            let size = fields.next().and_then(|s| s.parse().ok());
+            out.push((first.to_string(), size));
         }
     }
     out
@@ -226,18 +243,89 @@ fn tlv_header_len(data: &[u8]) -> Option<usize> {
 /// `ConfigFileCacheList.txt`: `name<whitespace>length` per line. Lines that do not parse are
 /// skipped; a name without a length gets `None`.
 pub fn config_list(data: &[u8]) -> Vec<(String, Option<u64>)> {
-    let text = String::from_utf8_lossy(data);
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let mut fields = line.split_whitespace();
-        let Some(name) = fields.next() else { continue };
+    let mut reader = ConfigListReader::new(usize::MAX);
+    reader.feed(data);
+    reader.finish()
+}
+
+/// Longest line of `ConfigFileCacheList.txt` kept (a file name and a length fit in far less);
+/// a longer one is skipped, never buffered.
+const MAX_LIST_LINE: usize = 1024;
+
+/// Reads `ConfigFileCacheList.txt` as it streams in, chunk by chunk: holds one line at most
+/// (bounded) and at most `max_entries` entries, then ignores the rest ([`Self::full`] says
+/// so). Memory stays bounded whatever an upstream sends.
+#[derive(Debug)]
+pub struct ConfigListReader {
+    line: Vec<u8>,
+    overlong: bool,
+    entries: Vec<(String, Option<u64>)>,
+    max_entries: usize,
+}
+
+impl ConfigListReader {
+    pub fn new(max_entries: usize) -> ConfigListReader {
+        ConfigListReader {
+            line: Vec::new(),
+            overlong: false,
+            entries: Vec::new(),
+            max_entries,
+        }
+    }
+
+    /// Whether the entry limit was reached; more input is ignored.
+    pub fn full(&self) -> bool {
+        self.entries.len() >= self.max_entries
+    }
+
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() && !self.full() {
+            match chunk.iter().position(|&b| b == b'\n') {
+                Some(end) => {
+                    self.take(&chunk[..end]);
+                    self.end_line();
+                    chunk = &chunk[end + 1..];
+                }
+                None => {
+                    self.take(chunk);
+                    chunk = &[];
+                }
+            }
+        }
+    }
+
+    fn take(&mut self, part: &[u8]) {
+        if self.overlong || self.line.len() + part.len() > MAX_LIST_LINE {
+            self.overlong = true;
+            self.line.clear();
+        } else {
+            self.line.extend_from_slice(part);
+        }
+    }
+
+    fn end_line(&mut self) {
+        let overlong = std::mem::take(&mut self.overlong);
+        let line = std::mem::take(&mut self.line);
+        if overlong {
+            return;
+        }
+        let text = String::from_utf8_lossy(&line);
+        let mut fields = text.split_whitespace();
+        let Some(name) = fields.next() else { return };
         if name.starts_with('#') || crate::name::FileName::parse(name).is_err() {
-            continue;
+            return;
         }
         let size = fields.next().and_then(|s| s.parse().ok());
-        out.push((name.to_string(), size));
+        self.entries.push((name.to_string(), size));
     }
-    out
+
+    /// The entries read (a last line without a newline counts).
+    pub fn finish(mut self) -> Vec<(String, Option<u64>)> {
+        if !self.line.is_empty() && !self.full() {
+            self.end_line();
+        }
+        self.entries
+    }
 }
 
 /// The device a phone file belongs to, upper-case (`SEP001122AABBCC` for
@@ -420,6 +508,39 @@ mod tests {
         let _ = config_refs(&[b'<', b'a'].repeat(1 << 20));
         let _ = loads_images(&[b'\r'; 1 << 21]);
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn hundred_thousand_distinct_images_parse_in_linear_time() {
+        let mut text = String::new();
+        for i in 0..100_000 {
+            text.push_str(&format!("image{i:06}.sbn\r\nIMAGE{i:06}.SBN\r\n"));
+        }
+        let started = std::time::Instant::now();
+        assert_eq!(loads_images(text.as_bytes()).len(), 100_000);
+        // Quadratic duplicate checks take minutes here; a hash set takes milliseconds
+        // (optimized; an unoptimized build is about ten times slower).
+        let limit = if cfg!(debug_assertions) { 20 } else { 2 };
+        assert!(started.elapsed() < std::time::Duration::from_secs(limit));
+        assert_eq!(loads_entries(text.as_bytes(), 11).len(), 11);
+    }
+
+    #[test]
+    fn config_list_reader_holds_one_bounded_line_and_stops_at_its_limit() {
+        let mut r = ConfigListReader::new(2);
+        r.feed(b"SEP001122AABBCC.cnf");
+        r.feed(b".xml 12\n");
+        r.feed(&[b'x'; 5000]);
+        r.feed(b"\nXMLDefault.cnf.xml 3\nSEP0011223344FF.cnf.xml 1\n");
+        assert!(r.full());
+        assert!(r.line.capacity() <= 4 * MAX_LIST_LINE);
+        assert_eq!(
+            r.finish(),
+            [
+                ("SEP001122AABBCC.cnf.xml".to_string(), Some(12)),
+                ("XMLDefault.cnf.xml".to_string(), Some(3)),
+            ]
+        );
     }
 
     mod never_panic {

@@ -61,6 +61,9 @@ pub enum Scope {
     Classes(Vec<FileClass>),
     /// Only discovery (a phone just fetched a config through the miss path).
     DiscoverOnly,
+    /// Stage the planned loads (`sync.loads`) now, whatever `sync.windows` say
+    /// (`branchtftp sync --loads`).
+    PlannedLoads,
 }
 
 /// What happened to one name.
@@ -209,6 +212,8 @@ pub struct PassReport {
     pub loads: usize,
     pub pinned: usize,
     pub unpinned: usize,
+    /// Classes in scope that `sync.windows` held back (closed at the start of the pass).
+    pub held: Vec<FileClass>,
     /// A few of the problems, for the log and the summary.
     pub problems: Vec<String>,
 }
@@ -231,7 +236,7 @@ impl PassReport {
 }
 
 /// State shared by the tasks of one pass.
-struct Ctx<'a> {
+pub(super) struct Ctx<'a> {
     central: Option<String>,
     central_unreachable: AtomicBool,
     wan_bytes: AtomicU64,
@@ -244,7 +249,7 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn record(&self, name: &str, class: FileClass, outcome: &Outcome) {
+    pub(super) fn record(&self, name: &str, class: FileClass, outcome: &Outcome) {
         self.tallies.lock().unwrap()[class_index(class)].add(outcome);
         if let Outcome::Unreachable(why) | Outcome::Failed(why) = outcome {
             let mut p = self.problems.lock().unwrap();
@@ -253,6 +258,14 @@ impl Ctx<'_> {
             }
         }
         self.progress.item(name, class, outcome);
+    }
+
+    /// Notes a problem that is not one file's outcome (a limit reached).
+    pub(super) fn problem(&self, why: String) {
+        let mut p = self.problems.lock().unwrap();
+        if p.len() < 20 {
+            p.push(why);
+        }
     }
 
     fn unreachable(&self, up: &Upstream, why: &str) -> String {
@@ -292,6 +305,7 @@ impl Syncer {
             loads: 0,
             pinned: 0,
             unpinned: 0,
+            held: Vec::new(),
             problems: Vec::new(),
         };
         if chain.is_empty() {
@@ -301,8 +315,12 @@ impl Syncer {
         let classes: Vec<FileClass> = match &scope {
             Scope::Full => CLASSES.to_vec(),
             Scope::Classes(c) => c.clone(),
-            Scope::DiscoverOnly => Vec::new(),
+            Scope::DiscoverOnly | Scope::PlannedLoads => Vec::new(),
         };
+        let plan = self.plan_by_windows(&settings, &scope);
+        let (classes, held): (Vec<FileClass>, Vec<FileClass>) =
+            classes.into_iter().partition(|c| plan.open(*c));
+        report.held = held;
         self.sync_prefetch(&settings.prefetch);
         let mut ctx = Ctx {
             central: chain.upstreams().first().map(|u| u.url.clone()),
@@ -343,8 +361,8 @@ impl Syncer {
             })
             .await;
 
-        if settings.discover {
-            self.discover(&settings, &ctx, &mut report).await;
+        if settings.discover || scope == Scope::PlannedLoads {
+            self.discover(&settings, &plan, &ctx, &mut report).await;
         }
         if let Err(e) = self.fetcher.cache().enforce_quota() {
             warn!("sync: quota enforcement failed: {e}");
@@ -366,7 +384,7 @@ impl Syncer {
         report
     }
 
-    fn class_of(&self, key: &str) -> FileClass {
+    pub(super) fn class_of(&self, key: &str) -> FileClass {
         match self.fetcher.cache().get(key) {
             Some(e) => e.class,
             None => self.fetcher.cache().rules().classify(key),
@@ -412,23 +430,24 @@ impl Syncer {
                 continue;
             }
             ctx.requests.fetch_add(1, Ordering::Relaxed);
-            match up.fetch_bytes(LIST).await {
-                Ok(Some(b)) => {
-                    ctx.wan_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
-                    body = Some(b);
-                    break;
-                }
-                Ok(None) => continue,
+            match up.fetch(LIST, None).await {
+                Ok(Answer::Found(b)) => match read_list(b, ctx).await {
+                    Ok(entries) => {
+                        body = Some(entries);
+                        break;
+                    }
+                    Err(e) => debug!(upstream = %up.url, "sync: {LIST}: {e}"),
+                },
+                Ok(Answer::NotFound | Answer::NotModified) => continue,
                 Err(FetchError::Unreachable(why)) => {
                     ctx.unreachable(up, &why);
                 }
                 Err(e) => debug!(upstream = %up.url, "sync: {LIST}: {e}"),
             }
         }
-        let Some(body) = body else {
+        let Some(entries) = body else {
             return false;
         };
-        let entries = parse::config_list(&body);
         let mut known = self.known.lock().unwrap();
         let seen = known.seen_devices();
         let mut listed = BTreeSet::new();
@@ -687,6 +706,13 @@ impl Syncer {
                 return Outcome::Unchanged;
             }
         }
+        if old.is_some() {
+            // A proxy's 200 error page must not replace a good trust list or config.
+            if let Err(why) = super::content::check_replacement(&mut publisher) {
+                warn!(name = %name, upstream = source, "sync: update refused, old version kept: {why}");
+                return Outcome::Failed(format!("update refused, old version kept: {why}"));
+            }
+        }
         let meta = PublishMeta {
             source: source.to_string(),
             validators: body.validators,
@@ -709,7 +735,7 @@ impl Syncer {
     /// lower and all upper case, since lists and servers disagree on case. Returns the outcome
     /// (`None` when already cached) and the key it is cached under.
     /// [`ensure`](Self::ensure) for each name, `DOWNLOADS` at a time, counted in the progress.
-    async fn ensure_all(
+    pub(super) async fn ensure_all(
         &self,
         names: Vec<String>,
         ctx: &Ctx<'_>,
@@ -780,53 +806,30 @@ impl Syncer {
         self.settings.read().unwrap().intervals.defaults
     }
 
-    /// Follows the current configs to their firmware and locale files, fetches what is
-    /// missing, pins the firmware in use and unpins what no config names any more.
+    /// Follows the current configs (and `sync.loads`) to their firmware and locale files,
+    /// fetches what is missing where `plan` allows, pins the firmware in use and unpins what
+    /// no config or plan names any more.
     async fn discover(
         &self,
         settings: &crate::config::SyncConfig,
+        plan: &super::windows::Plan,
         ctx: &Ctx<'_>,
         report: &mut PassReport,
     ) {
-        let cache = self.fetcher.cache();
-        let refs = self.current_refs();
+        let refs = if settings.discover {
+            self.current_refs()
+        } else {
+            ConfigRefs::default()
+        };
         report.loads = refs.loads.len();
-        let mut wanted: BTreeSet<String> = BTreeSet::new();
-        let mut complete = true;
-
-        // Loads first: their image lists come from the `.loads` files.
-        let loads: Vec<String> = refs.loads.iter().map(|l| format!("{l}.loads")).collect();
-        let results = self.ensure_all(loads, ctx).await;
-        let mut images: Vec<String> = Vec::new();
-        for (name, (outcome, key)) in results {
-            complete &= self.note(&name, FileClass::Firmware, outcome.as_ref(), ctx);
-            let Some(key) = key else { continue };
-            wanted.insert(key.clone());
-            match cache.read_quiet(&key) {
-                Ok(Some((_, bytes))) => {
-                    for img in parse::loads_images(&bytes) {
-                        if !images.iter().any(|i| i.eq_ignore_ascii_case(&img)) {
-                            images.push(img);
-                        }
-                    }
-                }
-                Ok(None) => complete = false,
-                Err(e) => {
-                    warn!(name, "sync: cannot read: {e}");
-                    complete = false
-                }
-            }
-        }
-        let results = self.ensure_all(images, ctx).await;
-        for (name, (outcome, key)) in results {
-            complete &= self.note(&name, FileClass::Firmware, outcome.as_ref(), ctx);
-            if let Some(key) = key {
-                wanted.insert(key);
-            }
-        }
+        self.stage_firmware(&refs.loads, settings, plan, ctx, report)
+            .await;
 
         // Locale files: what phones fetched from one locale directory, and the seeds, for
         // every directory the configs name.
+        if !plan.open(FileClass::Locale) || !settings.discover {
+            return;
+        }
         let locale_names = self.locale_names(&refs);
         let results = self.ensure_all(locale_names, ctx).await;
         for (name, (outcome, key)) in results {
@@ -837,59 +840,16 @@ impl Syncer {
                 }
             }
         }
-
-        // Pins follow the current configs.
-        {
-            let mut known = self.known.lock().unwrap();
-            for key in &wanted {
-                if let Some(e) = cache.get(key) {
-                    if let Ok(f) = FileName::parse(&e.name) {
-                        known.learn(&f, Reason::Discovered);
-                    }
-                }
-            }
-        }
-        for key in &wanted {
-            if cache.get(key).is_some_and(|e| !e.pinned) {
-                match cache.set_pinned(key, true) {
-                    Ok(()) => report.pinned += 1,
-                    Err(e) => warn!(name = key, "sync: cannot pin: {e}"),
-                }
-            }
-        }
-        if complete {
-            // Only a complete picture may unpin: a load we could not read is still in use.
-            for e in cache.list() {
-                if e.pinned && e.class == FileClass::Firmware && !wanted.contains(&e.key) {
-                    match cache.set_pinned(&e.key, false) {
-                        Ok(()) => {
-                            info!(name = %e.name, "sync: no config names this firmware any more; unpinned");
-                            report.unpinned += 1;
-                        }
-                        Err(err) => warn!(name = %e.name, "sync: cannot unpin: {err}"),
-                    }
-                }
-            }
-            let mut known = self.known.lock().unwrap();
-            let stale: Vec<String> = known
-                .names
-                .iter()
-                .filter(|(k, n)| {
-                    n.reasons.contains(&Reason::Discovered)
-                        && self.class_of(k) == FileClass::Firmware
-                        && !wanted.contains(*k)
-                })
-                .map(|(k, _)| k.clone())
-                .collect();
-            for k in stale {
-                known.drop_reason(&k, Reason::Discovered, false);
-            }
-        }
-        let _ = settings;
     }
 
     /// Records a discovery fetch; `false` if it leaves the picture incomplete.
-    fn note(&self, name: &str, class: FileClass, outcome: Option<&Outcome>, ctx: &Ctx<'_>) -> bool {
+    pub(super) fn note(
+        &self,
+        name: &str,
+        class: FileClass,
+        outcome: Option<&Outcome>,
+        ctx: &Ctx<'_>,
+    ) -> bool {
         match outcome {
             None => {
                 ctx.progress.skipped();
@@ -904,7 +864,7 @@ impl Syncer {
 
     /// What `XMLDefault.cnf.xml` and every cached phone config name, merged. Parsed once per
     /// content (by sha256).
-    fn current_refs(&self) -> ConfigRefs {
+    pub(super) fn current_refs(&self) -> ConfigRefs {
         let cache = self.fetcher.cache();
         let mut all = ConfigRefs::default();
         let mut seen_shas = Vec::new();
@@ -986,6 +946,38 @@ impl Syncer {
         }
         out
     }
+}
+
+/// Entries of `ConfigFileCacheList.txt` read at most: a cluster's phones times the few config
+/// files each has, with room to spare. The rest of a longer list is not read.
+const MAX_LIST_ENTRIES: usize = 200_000;
+/// Bytes of the list read at most (blank or overlong lines count too).
+const MAX_LIST_BYTES: u64 = 32 << 20;
+
+/// Parses `ConfigFileCacheList.txt` as it streams in, within [`MAX_LIST_ENTRIES`] and
+/// [`MAX_LIST_BYTES`]: memory stays bounded whatever the upstream sends.
+async fn read_list(
+    mut body: Body,
+    ctx: &Ctx<'_>,
+) -> Result<Vec<(String, Option<u64>)>, FetchError> {
+    let mut reader = parse::ConfigListReader::new(MAX_LIST_ENTRIES);
+    let mut read = 0u64;
+    while let Some(chunk) = body.stream.next().await {
+        let chunk = chunk?;
+        read += chunk.len() as u64;
+        ctx.wan_bytes
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        reader.feed(&chunk);
+        if reader.full() || read >= MAX_LIST_BYTES {
+            warn!(
+                entries = MAX_LIST_ENTRIES,
+                bytes = MAX_LIST_BYTES,
+                "sync: ConfigFileCacheList.txt is longer than this server reads; the rest is ignored"
+            );
+            break;
+        }
+    }
+    Ok(reader.finish())
 }
 
 fn progress_plan(ctx: &Ctx<'_>, n: usize) {
