@@ -38,6 +38,7 @@ pub fn server_config(cfg: &Config) -> ServerConfig {
         max_blksize: cfg.tftp.max_blksize,
         max_windowsize: cfg.tftp.max_windowsize,
         timeout: cfg.tftp.timeout,
+        max_timeout: cfg.tftp.max_timeout,
         retries: cfg.tftp.retries,
         drain: Duration::from_secs(10),
     }

@@ -2,11 +2,12 @@
 //! them. Nothing in here knows about caches or upstreams: a server serves whatever a [`Source`]
 //! hands it, and a client yields bytes to whoever asked.
 
-mod blocking;
 pub mod client;
+mod engine;
+mod feed;
 pub mod netascii;
 pub mod packet;
 pub mod server;
 pub mod transfer;
 
-pub use server::{Content, OpenError, Origin, ReadRequest, Source};
+pub use server::{Body, Content, OpenError, Origin, ReadRequest, Source, Ticket};
