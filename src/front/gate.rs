@@ -148,7 +148,7 @@ impl State {
 
     /// Frees the slot of the oldest transfer on probation past its grace, if any; returns
     /// how to end that transfer.
-    fn displace(&mut self, now: Instant) -> Option<Displace> {
+    fn displace(&mut self, now: Instant, grace: Duration) -> Option<Displace> {
         while let Some(claim) = self.probation.front() {
             if claim.released.load(Ordering::Acquire) || claim.proven.load(Ordering::Acquire) {
                 self.probation.pop_front();
@@ -156,7 +156,7 @@ impl State {
             }
             let mut p = claim.probation.lock().unwrap();
             match &*p {
-                Some((since, _)) if now.duration_since(*since) >= PROOF_GRACE => {}
+                Some((since, _)) if now.duration_since(*since) >= grace => {}
                 // The oldest is still within its grace, so is everyone behind it.
                 Some(_) => return None,
                 None => {
@@ -240,7 +240,7 @@ impl Gate {
                 return Err(Refusal::Busy);
             }
             let displace = if st.total >= max_total {
-                match st.displace(Instant::now()) {
+                match st.displace(Instant::now(), PROOF_GRACE) {
                     Some(d) => Some(d),
                     None => return Err(Refusal::Busy),
                 }
@@ -268,10 +268,19 @@ impl Gate {
                 let (max_total, max_client) = self.limits();
                 let mut st = self.state.lock().unwrap();
                 let mine = st.per_client.get(&ip).copied().unwrap_or(0);
-                if mine >= max_client || st.queue.len() >= max_total {
+                if mine >= max_client {
                     return Err(Refusal::Busy);
                 }
-                // A slot may have freed since `admit` looked.
+                let mut displaced = None;
+                if st.queue.len() >= max_total {
+                    // A full queue: the oldest silent transfer goes now, grace or not, so a
+                    // burst of spoofed requests cannot lock phones out of the queue itself.
+                    match st.displace(Instant::now(), Duration::ZERO) {
+                        Some(d) => displaced = Some(d),
+                        None => return Err(Refusal::Busy),
+                    }
+                }
+                // A slot may have freed since `admit` looked: `hand_over` below gives it out.
                 let (tx, rx) = oneshot::channel();
                 st.next_waiter += 1;
                 let id = st.next_waiter;
@@ -285,6 +294,9 @@ impl Gate {
                 let handed = self.hand_over(&mut st);
                 drop(st);
                 drop(handed);
+                if let Some(d) = displaced {
+                    d();
+                }
                 Queued {
                     gate: self.clone(),
                     id,
@@ -305,7 +317,7 @@ impl Gate {
         let mut displaced = Vec::new();
         while !st.queue.is_empty() {
             if st.total >= max_total {
-                match st.displace(Instant::now()) {
+                match st.displace(Instant::now(), PROOF_GRACE) {
                     Some(d) => displaced.push(d),
                     None => break,
                 }

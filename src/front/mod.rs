@@ -5,6 +5,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+pub mod conn;
 pub mod gate;
 pub mod http;
 

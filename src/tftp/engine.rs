@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::debug;
@@ -166,9 +165,6 @@ struct Loop {
     generation: u64,
 }
 
-/// Datagrams read per readiness event before other transfers get their turn.
-const RECV_BURST: usize = 64;
-
 impl Loop {
     fn run(&mut self) {
         let mut events = Events::with_capacity(1024);
@@ -286,7 +282,8 @@ impl Loop {
             return;
         };
         let mut failed = None;
-        for _ in 0..RECV_BURST {
+        // Readiness is edge-triggered: read until the socket is empty.
+        loop {
             let (n, from) = match t.sock.recv_from(buf) {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -430,12 +427,5 @@ impl Loop {
         drop(t.feed);
         t.source.finished(&report);
         self.active.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Sends `data` once from `sock` to `to`, ignoring failures (for one-off ERRORs).
-pub(crate) fn send_once(sock: &tokio::net::UdpSocket, data: &Bytes, to: SocketAddr) {
-    if let Err(e) = sock.try_send_to(data, to) {
-        debug!(client = %to, "send failed: {e}");
     }
 }

@@ -21,7 +21,7 @@ use thiserror::Error;
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 
-use super::engine::{send_once, Engine, Job};
+use super::engine::{Engine, Job};
 pub use super::feed::Body;
 pub use super::packet::Mode;
 use super::packet::{ErrorCode, ErrorPacket, Packet, MAX_REQUEST_LEN, OP_RRQ, OP_WRQ};
@@ -249,7 +249,7 @@ impl Server {
                 let mut buf = vec![0u8; MAX_REQUEST_LEN + 1];
                 loop {
                     match sock.recv_from(&mut buf).await {
-                        Ok((n, peer)) => door.datagram(&sock, peer, &buf[..n]),
+                        Ok((n, peer)) => door.datagram(&sock, peer, &buf[..n]).await,
                         // ICMP errors surface here on some systems; keep listening.
                         Err(e) => debug!("TFTP listener recv error: {e}"),
                     }
@@ -334,13 +334,16 @@ impl<S: Source> Ticket for Held<S> {
     }
 }
 
-fn refuse(sock: &UdpSocket, peer: SocketAddr, e: ErrorPacket) {
-    send_once(sock, &e.encode(), peer);
+/// Sends a fixed ERROR from the request port; a failure only means the client asks again.
+async fn refuse(sock: &UdpSocket, peer: SocketAddr, e: ErrorPacket) {
+    if let Err(err) = sock.send_to(&e.encode(), peer).await {
+        debug!(client = %peer, "send failed: {err}");
+    }
 }
 
 impl<S: Source> Door<S> {
     /// Screens one datagram on a listener, cheapest check first.
-    fn datagram(self: &Arc<Self>, sock: &Arc<UdpSocket>, peer: SocketAddr, data: &[u8]) {
+    async fn datagram(self: &Arc<Self>, sock: &Arc<UdpSocket>, peer: SocketAddr, data: &[u8]) {
         if data.len() < 4 {
             // Not even an opcode and a name: nothing to answer.
             return;
@@ -355,7 +358,7 @@ impl<S: Source> Door<S> {
         if !self.source.allows(peer.ip()) {
             crate::metrics::global().request("tftp", "denied");
             info!(client = %peer, "refused: client outside access.allow");
-            return refuse(sock, peer, OpenError::Denied.reply());
+            return refuse(sock, peer, OpenError::Denied.reply()).await;
         }
         if op == OP_WRQ {
             info!(client = %peer, "write request refused: read-only server");
@@ -363,7 +366,8 @@ impl<S: Source> Door<S> {
                 sock,
                 peer,
                 ErrorPacket::new(ErrorCode::AccessViolation, "read-only server"),
-            );
+            )
+            .await;
         }
         if data.len() > MAX_REQUEST_LEN {
             info!(client = %peer, bytes = data.len(), "refused: request longer than 512 bytes");
@@ -371,13 +375,14 @@ impl<S: Source> Door<S> {
                 sock,
                 peer,
                 ErrorPacket::new(ErrorCode::IllegalOperation, "request too long"),
-            );
+            )
+            .await;
         }
         let pkt = match Packet::decode(data) {
             Ok(p) => p,
             Err(e) => {
                 info!(client = %peer, "bad TFTP request: {}", e.to_string().escape_debug());
-                return refuse(sock, peer, e.reply());
+                return refuse(sock, peer, e.reply()).await;
             }
         };
         let Packet::Rrq { filename, mode, .. } = &pkt else {
@@ -389,7 +394,8 @@ impl<S: Source> Door<S> {
                 sock,
                 peer,
                 ErrorPacket::new(ErrorCode::IllegalOperation, "unsupported mode"),
-            );
+            )
+            .await;
         };
         let name = match FileName::parse(filename) {
             Ok(n) => n,
@@ -399,7 +405,7 @@ impl<S: Source> Door<S> {
                     NameError::Empty => OpenError::NotFound.reply(),
                     _ => ErrorPacket::new(ErrorCode::AccessViolation, "access violation"),
                 };
-                return refuse(sock, peer, reply);
+                return refuse(sock, peer, reply).await;
             }
         };
         let key = (peer, Bytes::copy_from_slice(data));
@@ -450,7 +456,7 @@ impl<S: Source> Door<S> {
             Ok(c) => c,
             Err(e) => {
                 debug!(client = %peer, name = %name, "answered {e}");
-                refuse(listener, peer, e.reply());
+                refuse(listener, peer, e.reply()).await;
                 report.duration = started.elapsed();
                 report.outcome = Err(e.to_string());
                 self.source.finished(&report);
@@ -460,7 +466,7 @@ impl<S: Source> Door<S> {
         report.origin = Some(content.origin.clone());
         let (params, oack) = match accept(&rrq, &self.limits, content.size) {
             Ok(a) => a,
-            Err(e) => return refuse(listener, peer, e),
+            Err(e) => return refuse(listener, peer, e).await,
         };
         // The transfer gets its own socket: a new TID (RFC 1350 §4), on the listener's address.
         let local = listener
@@ -474,7 +480,7 @@ impl<S: Source> Door<S> {
                 // Out of descriptors (or ports): refused generically and counted.
                 warn!(client = %peer, name = %name, "cannot open a transfer socket: {e}");
                 crate::metrics::global().request("tftp", "error");
-                refuse(listener, peer, BUSY);
+                refuse(listener, peer, BUSY).await;
                 return;
             }
         };
