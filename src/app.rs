@@ -1,7 +1,6 @@
 //! Wiring and lifecycle of the appliance: binds the front ends, runs until SIGTERM/SIGINT, then
 //! lets transfers in flight finish (bounded) and exits.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +37,7 @@ pub fn server_config(cfg: &Config) -> ServerConfig {
         max_blksize: cfg.tftp.max_blksize,
         max_windowsize: cfg.tftp.max_windowsize,
         timeout: cfg.tftp.timeout,
+        max_timeout: cfg.tftp.max_timeout,
         retries: cfg.tftp.retries,
         drain: Duration::from_secs(10),
     }
@@ -136,7 +136,15 @@ pub async fn serve(
         for addr in &cfg.http.listen {
             let listener = bind_tcp(*addr).with_context(|| format!("HTTP listen {addr}"))?;
             info!("HTTP listening on {}", listener.local_addr()?);
-            servers.spawn(serve_http(listener, http.clone(), stop_rx.clone()));
+            let limits = (&cfg.http).into();
+            let gate = Some(gate.clone());
+            servers.spawn(serve_http(
+                listener,
+                http.clone(),
+                limits,
+                gate,
+                stop_rx.clone(),
+            ));
         }
         if let Some(addr) = cfg.admin.listen {
             let admin = crate::admin::router(AdminState {
@@ -152,7 +160,8 @@ pub async fn serve(
             });
             let listener = bind_tcp(addr).with_context(|| format!("admin listen {addr}"))?;
             info!("admin endpoint on http://{}", listener.local_addr()?);
-            servers.spawn(serve_http(listener, admin, stop_rx.clone()));
+            let limits = (&cfg.http).into();
+            servers.spawn(serve_http(listener, admin, limits, None, stop_rx.clone()));
         }
     }
     let front = Arc::new(TftpFront { gate, resolver });
@@ -181,13 +190,9 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 async fn serve_http(
     listener: tokio::net::TcpListener,
     app: axum::Router,
+    limits: crate::front::conn::HttpLimits,
+    gate: Option<Arc<Gate>>,
     stop: watch::Receiver<bool>,
 ) {
-    let svc = app.into_make_service_with_connect_info::<SocketAddr>();
-    if let Err(e) = axum::serve(listener, svc)
-        .with_graceful_shutdown(stopped(stop))
-        .await
-    {
-        tracing::error!("HTTP server failed: {e}");
-    }
+    crate::front::conn::serve(listener, app, limits, gate, stopped(stop)).await
 }

@@ -67,6 +67,10 @@ pub struct TftpConfig {
     /// Retransmit timeout when the client negotiates none.
     #[serde(with = "duration_serde")]
     pub timeout: Duration,
+    /// Cap on a negotiated timeout (RFC 2349 lets a client ask up to 255 s); larger requests
+    /// are answered with the cap in the OACK.
+    #[serde(with = "duration_serde")]
+    pub max_timeout: Duration,
     /// Retransmissions of one packet before the transfer is abandoned.
     pub retries: u32,
 }
@@ -78,6 +82,7 @@ impl Default for TftpConfig {
             max_blksize: 1468,
             max_windowsize: 64,
             timeout: Duration::from_secs(1),
+            max_timeout: Duration::from_secs(5),
             retries: 6,
         }
     }
@@ -87,12 +92,28 @@ impl Default for TftpConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: Vec<SocketAddr>,
+    /// A request's headers must arrive within this (also the admin endpoint).
+    #[serde(with = "duration_serde")]
+    pub header_timeout: Duration,
+    /// Keep-alive connections idle longer are closed.
+    #[serde(with = "duration_serde")]
+    pub idle_timeout: Duration,
+    /// A client that reads nothing of a response for this long is cut off.
+    #[serde(with = "duration_serde")]
+    pub send_timeout: Duration,
+    /// Open connections, all HTTP listeners together; beyond it new connections wait in the
+    /// kernel's backlog.
+    pub max_connections: usize,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: vec!["0.0.0.0:6970".parse().unwrap()],
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(60),
+            max_connections: 4096,
         }
     }
 }

@@ -10,13 +10,14 @@
 //! | --- | --- |
 //! | [`tftp::packet`] | encode/decode of RRQ, WRQ, DATA, ACK, ERROR, OACK and their options |
 //! | [`tftp::netascii`] | streaming netascii translation (RFC 764 line endings) |
-//! | [`tftp::transfer`] | pure sender/receiver state machines: packets and `now` in, packets and deadlines out |
-//! | [`tftp::server`] | tokio driver: listeners, one task and one ephemeral socket per transfer, serving a [`tftp::Source`] |
+//! | [`tftp::transfer`] | pure sender/receiver state machines (packets and `now` in, packets and deadlines out) and the protocol decisions: `accept` (options within our caps, the curl `tsize 0` quirk), probation of unproven clients, the TID rule |
+//! | [`tftp::server`] | the request port: screening (opcode, allow list, size, then parsing), duplicate absorption, content from a [`tftp::Source`], then the transfer's own socket (RFC 1350 TID) handed to the engine |
+//! | `tftp::engine` | the transfer driver: a few event-loop threads (one per core, at most 4) run every transfer's socket and timers; a transfer is a small state, not a thread or a task; files are read with `pread` (see its module doc for why not tokio tasks) |
 //! | [`tftp::client`] | tokio driver for downloads, yielding bytes as they arrive |
 //! | [`net`] | binding UDP and TCP sockets (v6-only IPv6, buffer sizes) for every listener |
 //! | [`name`] | phone file names: normalization, case folding, rejection of escapes |
-//! | [`front`] | admission (allow list, limits) and request → overrides/cache/miss; [`front::http`] is the phones' HTTP on 6970 |
-//! | [`overrides`] | the local overrides directory that wins over upstream copies |
+//! | [`front`] | request → overrides/cache/miss; [`front::gate`] is admission (allow list, per-client and global limits, the queue, cheap slots for unproven TFTP clients); [`front::http`] is the phones' HTTP on 6970; [`front::conn`] the HTTP connection server (limits, timeouts, `TCP_NODELAY`) |
+//! | [`overrides`] | the local overrides directory that wins over upstream copies, indexed and kept current by notify |
 //! | [`cache`] | the local store: sled index + plain files, atomic publish, recovery, quota, verify, import |
 //! | [`upstream`] | the ordered upstream chain (HTTP, TFTP), health and backoff; [`upstream::flight`] is the single-flight miss path |
 //! | [`admin`] | `/healthz`, `/status`, `/metrics`, `/phones`, `POST /sync`, the running cache, the token rule; the `status` command |

@@ -22,6 +22,12 @@ pub enum NameError {
 
 /// A validated request name: `display` keeps the client's spelling (with `/` separators and no
 /// leading slash), `key` is the case-folded lookup key.
+///
+/// Folding is ASCII-only: phone file names are ASCII, and Unicode folding made distinct names
+/// collide (`\u{212A}ern.sbn`, with a KELVIN SIGN, folded onto `kern.sbn`, so a "not found" for
+/// the variant blanked out the real file, issue 11). A non-ASCII name is passed through: served
+/// if a file has exactly that spelling (or differs from it only in ASCII letter case), never
+/// the same key as an ASCII name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FileName {
     display: String,
@@ -39,17 +45,14 @@ impl FileName {
             return Err(NameError::BadChar);
         }
         let unified = raw.replace('\\', "/");
-        // `C:/...` or `C:foo` is an absolute Windows path, never a phone file; also after the
-        // leading `/` that every HTTP path (and some TFTP clients) put in front of a name.
-        let bytes = unified.trim_start_matches('/').as_bytes();
-        if bytes.len() >= 2 && bytes[1] == b':' && bytes[0].is_ascii_alphabetic() {
-            return Err(NameError::Escape);
-        }
         let mut parts = Vec::new();
         for part in unified.split('/') {
             match part {
                 "" | "." => continue,
                 ".." => return Err(NameError::Escape),
+                // `C:/...` or `C:foo` is an absolute Windows path, never a phone file, in any
+                // segment (`./C:/x` too): a Windows-backed upstream or export would follow it.
+                p if is_drive(p) => return Err(NameError::Escape),
                 p => parts.push(p),
             }
         }
@@ -57,7 +60,7 @@ impl FileName {
             return Err(NameError::Empty);
         }
         let display = parts.join("/");
-        let key = display.to_lowercase();
+        let key = display.to_ascii_lowercase();
         Ok(FileName { display, key })
     }
 
@@ -70,6 +73,12 @@ impl FileName {
     pub fn key(&self) -> &str {
         &self.key
     }
+}
+
+/// `C:` or `C:anything`: a Windows drive.
+fn is_drive(part: &str) -> bool {
+    let b = part.as_bytes();
+    b.len() >= 2 && b[1] == b':' && b[0].is_ascii_alphabetic()
 }
 
 impl std::fmt::Display for FileName {
@@ -93,6 +102,15 @@ mod tests {
     }
 
     #[test]
+    fn case_folding_is_ascii_only() {
+        let kelvin = FileName::parse("\u{212A}ern.sbn").unwrap();
+        let plain = FileName::parse("kern.sbn").unwrap();
+        assert_ne!(kelvin.key(), plain.key());
+        assert_eq!(kelvin.key(), "\u{212A}ern.sbn");
+        assert_eq!(FileName::parse("KERN.SBN").unwrap().key(), plain.key());
+    }
+
+    #[test]
     fn escapes_are_refused() {
         for bad in [
             "../../etc/passwd",
@@ -102,6 +120,9 @@ mod tests {
             "c:foo",
             "/C:/Windows/win.ini",
             "//c:\\boot.ini",
+            "./C:/x",
+            "a/c:/b",
+            "locale\\D:evil",
         ] {
             assert_eq!(FileName::parse(bad), Err(NameError::Escape), "{bad}");
         }

@@ -24,11 +24,33 @@ fn socket(addr: SocketAddr, ty: Type, proto: Protocol) -> io::Result<Socket> {
 /// A UDP socket bound to `addr` with `buffer` bytes of receive and send buffer (best effort:
 /// the kernel caps them at net.core.{r,w}mem_max).
 pub fn bind_udp(addr: SocketAddr, buffer: usize) -> io::Result<tokio::net::UdpSocket> {
+    tokio::net::UdpSocket::from_std(bind_udp_std(addr, buffer)?)
+}
+
+/// [`bind_udp`] for a socket driven outside tokio (the TFTP engine's loops); non-blocking.
+pub fn bind_udp_std(addr: SocketAddr, buffer: usize) -> io::Result<std::net::UdpSocket> {
     let sock = socket(addr, Type::DGRAM, Protocol::UDP)?;
     let _ = sock.set_recv_buffer_size(buffer);
     let _ = sock.set_send_buffer_size(buffer);
     sock.bind(&addr.into())?;
-    tokio::net::UdpSocket::from_std(sock.into())
+    Ok(sock.into())
+}
+
+/// Raises the soft limit on open descriptors to the hard limit (the unit's `LimitNOFILE`):
+/// every transfer holds a socket and usually a file, so the default soft limit of 1024 would
+/// refuse a storm long before `access.max_transfers`.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write to and read from a valid, owned rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 /// A TCP listener on `addr`.

@@ -34,9 +34,14 @@ impl Appliance {
     /// Starts against `upstream_url` with `access_yaml` (an `access:` section, or "") and waits
     /// until `/healthz` answers.
     fn start(upstream_url: &str, access_yaml: &str) -> Appliance {
+        Self::start_with_http(upstream_url, access_yaml, "")
+    }
+
+    /// As [`Appliance::start`], with more keys for the `http:` section (indented two spaces).
+    fn start_with_http(upstream_url: &str, access_yaml: &str, http_yaml: &str) -> Appliance {
         let mut last = String::new();
         for _attempt in 0..3 {
-            match Self::try_start(upstream_url, access_yaml) {
+            match Self::try_start(upstream_url, access_yaml, http_yaml) {
                 Ok(a) => return a,
                 Err(why) => last = why,
             }
@@ -44,7 +49,11 @@ impl Appliance {
         panic!("branchtftp serve did not become ready: {last}");
     }
 
-    fn try_start(upstream_url: &str, access_yaml: &str) -> Result<Appliance, String> {
+    fn try_start(
+        upstream_url: &str,
+        access_yaml: &str,
+        http_yaml: &str,
+    ) -> Result<Appliance, String> {
         let dir = tempfile::Builder::new()
             .prefix("branchtftp-http-front-")
             .tempdir()
@@ -57,7 +66,7 @@ impl Appliance {
         let yaml = format!(
             "log: info\n\
              tftp:\n  listen: [\"{tftp}\"]\n\
-             http:\n  listen: [\"{http}\"]\n\
+             http:\n  listen: [\"{http}\"]\n{http_yaml}\
              admin:\n  listen: \"{admin}\"\n\
              cache:\n  dir: {cache}\n  overrides: {overrides}\n\
              upstreams:\n  - url: {upstream_url}\n    timeout: 2s\n\
@@ -814,4 +823,146 @@ fn status_into_a_closed_pipe_does_not_panic() {
         assert!(!err.contains("panicked"), "status {args:?}: {err}");
         assert_eq!(out.status.code(), Some(0), "status {args:?}: {err}");
     }
+}
+
+// --- connection limits and timeouts (issues 11 and 12) ---------------------------------------
+
+/// Reads one response (headers and a Content-Length body) from a keep-alive connection.
+fn read_response(s: &mut TcpStream) -> Option<(u16, Vec<u8>)> {
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).ok()? == 0 {
+            return None;
+        }
+        raw.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&raw).into_owned();
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let len: usize = header(&head, "content-length")?.parse().ok()?;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).ok()?;
+    Some((status, body))
+}
+
+fn get_on(s: &mut TcpStream, path: &str) -> Option<(u16, Vec<u8>)> {
+    write!(s, "GET {path} HTTP/1.1\r\nHost: phone\r\n\r\n").ok()?;
+    read_response(s)
+}
+
+/// Waits for the server to close `s`: true if it did within `limit`.
+fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // a 408 or the like before the close
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn keep_alive_requests_do_not_wait_on_delayed_acks() {
+    let origin = HttpOrigin::start();
+    let app = Appliance::start(&origin.url(), "");
+    for name in ["a.xml", "b.xml", "c.xml"] {
+        std::fs::write(app.overrides.join(name), content(name, 1500)).unwrap();
+    }
+    let mut s = TcpStream::connect(app.http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(get_on(&mut s, "/a.xml").unwrap().0, 200);
+    // Without TCP_NODELAY each later request on the connection waited ~40 ms for the client's
+    // delayed ACK (Nagle's algorithm holding the response's last segment).
+    for name in ["/b.xml", "/c.xml"] {
+        let t = Instant::now();
+        let (status, body) = get_on(&mut s, name).unwrap();
+        assert_eq!((status, body.len()), (200, 1500));
+        assert!(
+            t.elapsed() < Duration::from_millis(25),
+            "{name}: {:?}",
+            t.elapsed()
+        );
+    }
+}
+
+#[tokio::test]
+async fn half_sent_headers_and_idle_connections_are_closed() {
+    let origin = HttpOrigin::start();
+    let app = Appliance::start_with_http(
+        &origin.url(),
+        "",
+        "  header_timeout: 1s\n  idle_timeout: 2s\n",
+    );
+    std::fs::write(app.overrides.join("a.xml"), content("a.xml", 100)).unwrap();
+    let mut half = TcpStream::connect(app.http).unwrap();
+    half.write_all(b"GET /a.xml HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let mut idle = TcpStream::connect(app.http).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(get_on(&mut idle, "/a.xml").unwrap().0, 200);
+    let t = Instant::now();
+    assert!(
+        closed_within(&mut half, Duration::from_secs(4)),
+        "half a header"
+    );
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(4)),
+        "idle keep-alive"
+    );
+}
+
+#[tokio::test]
+async fn connections_past_max_connections_wait_for_a_free_one() {
+    let origin = HttpOrigin::start();
+    let app = Appliance::start_with_http(&origin.url(), "", "  max_connections: 2\n");
+    std::fs::write(app.overrides.join("a.xml"), content("a.xml", 100)).unwrap();
+    let mut first = TcpStream::connect(app.http).unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(get_on(&mut first, "/a.xml").unwrap().0, 200);
+    let second = TcpStream::connect(app.http).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    // The third connects (the kernel's backlog) but is not served while two are open.
+    let mut third = TcpStream::connect(app.http).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    write!(third, "GET /a.xml HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        third.read(&mut byte).is_err(),
+        "served past max_connections"
+    );
+    drop(second);
+    third
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(read_response(&mut third).unwrap().0, 200);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_and_frees_its_slot() {
+    let origin = HttpOrigin::start();
+    let app = Appliance::start_with_http(&origin.url(), "", "  send_timeout: 1s\n");
+    std::fs::write(app.overrides.join("big.bin"), content("big.bin", 64 * MB)).unwrap();
+    let mut s = TcpStream::connect(app.http).unwrap();
+    write!(s, "GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    // Read nothing: the socket buffers fill and the server's writes block.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let active = || {
+        let (_, body) = raw_http(app.admin, "GET", "/status").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        v["transfers"]["active"].as_u64().unwrap()
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(active(), 1);
+    while active() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(active(), 0, "slot still held: {}", app.log());
 }

@@ -64,10 +64,39 @@ pub fn problems(cfg: &Config, present: &dyn Fn(&str) -> bool) -> Vec<Problem> {
             ),
         );
     }
+    if t.max_timeout < Duration::from_secs(1) || t.max_timeout > Duration::from_secs(255) {
+        bad(
+            "tftp.max_timeout".into(),
+            format!(
+                "{} is outside 1s..=255s (RFC 2349); a few seconds bounds how long an unanswered transfer lives",
+                super::format_duration(t.max_timeout)
+            ),
+        );
+    }
     if t.retries == 0 {
         bad(
             "tftp.retries".into(),
             "must be at least 1: with 0 a single lost packet ends a transfer".into(),
+        );
+    }
+
+    let h = &cfg.http;
+    for (key, d) in [
+        ("http.header_timeout", h.header_timeout),
+        ("http.idle_timeout", h.idle_timeout),
+        ("http.send_timeout", h.send_timeout),
+    ] {
+        if d.is_zero() {
+            bad(
+                key.into(),
+                "must be more than 0: without it one client can hold a connection for ever".into(),
+            );
+        }
+    }
+    if h.max_connections == 0 {
+        bad(
+            "http.max_connections".into(),
+            "must be at least 1 (`http.listen: []` turns HTTP off)".into(),
         );
     }
 

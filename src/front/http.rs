@@ -160,13 +160,15 @@ async fn serve_file(
     // connection: a client never takes a truncated body for a whole one.
     let started = Instant::now();
     crate::phones::started(client.ip(), name.as_str(), "http", found.size);
-    let stream = match (found.body, found.size) {
-        (FoundBody::Cached(f), Some(size)) => {
+    let stream = match found.body {
+        FoundBody::Cached(f) => {
             let f = *f;
+            let size = f.entry.size;
             disk_stream(f.file, f.guard, size)
         }
-        (FoundBody::Local(f), Some(size)) => disk_stream(f, (), size),
-        (body, _) => tokio_util::io::ReaderStream::with_capacity(body.into_reader(), CHUNK).boxed(),
+        // An override's size is always known (read from its metadata when opened).
+        FoundBody::Local(f) => disk_stream(f, (), found.size.unwrap_or_default()),
+        FoundBody::Stream(r) => tokio_util::io::ReaderStream::with_capacity(r, CHUNK).boxed(),
     };
     let body = LoggedBody {
         inner: stream,

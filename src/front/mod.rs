@@ -1,106 +1,24 @@
-//! Front ends: what a phone's request meets before any content. Access control (`access.allow`),
-//! per-client and global transfer limits, then the overrides directory, the cache and, on a
-//! miss, the shared upstream fetch.
+//! Front ends: what a phone's request meets before any content. Admission ([`gate`]: access
+//! control, per-client and global transfer limits, the queue), then the overrides directory,
+//! the cache and, on a miss, the shared upstream fetch.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+pub mod conn;
+pub mod gate;
 pub mod http;
 
 use futures::future::BoxFuture;
 use tracing::info;
 
-use crate::config::AccessConfig;
+pub use gate::{Gate, Refusal, Slot};
+
 use crate::overrides::Overrides;
-use crate::tftp::server::{Content, OpenError, Origin, ReadRequest, Source, TransferReport};
+use crate::tftp::server::{
+    Body, Content, OpenError, Origin, ReadRequest, Source, Ticket, TransferReport,
+};
 use crate::upstream::flight::{Fetcher, MissError, Served};
-
-/// Admission control shared by the TFTP and HTTP front ends.
-#[derive(Debug)]
-pub struct Gate {
-    access: Mutex<AccessConfig>,
-    active: Mutex<Active>,
-}
-
-#[derive(Debug, Default)]
-struct Active {
-    total: usize,
-    per_client: HashMap<IpAddr, usize>,
-}
-
-/// Why a client was not admitted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
-    /// Outside `access.allow`.
-    Denied,
-    /// Over `access.max_per_client` or `access.max_transfers`.
-    Busy,
-}
-
-/// One admitted transfer; releases its slot when dropped.
-#[derive(Debug)]
-pub struct Slot {
-    gate: Arc<Gate>,
-    ip: IpAddr,
-    protocol: &'static str,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        crate::metrics::global().active(self.protocol).dec();
-        let mut a = self.gate.active.lock().unwrap();
-        a.total -= 1;
-        if let Some(n) = a.per_client.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                a.per_client.remove(&self.ip);
-            }
-        }
-    }
-}
-
-impl Gate {
-    pub fn new(access: AccessConfig) -> Arc<Gate> {
-        Arc::new(Gate {
-            access: Mutex::new(access),
-            active: Mutex::new(Active::default()),
-        })
-    }
-
-    /// Applies a reloaded access section; transfers in flight keep their slots.
-    pub fn update(&self, access: AccessConfig) {
-        *self.access.lock().unwrap() = access;
-    }
-
-    pub fn active(&self) -> usize {
-        self.active.lock().unwrap().total
-    }
-
-    /// Admits one transfer of `protocol` (`tftp` or `http`) from `ip`, or says why not.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr, protocol: &'static str) -> Result<Slot, Refusal> {
-        let (max_total, max_client) = {
-            let access = self.access.lock().unwrap();
-            if !access.allows(ip) {
-                return Err(Refusal::Denied);
-            }
-            (access.max_transfers, access.max_per_client)
-        };
-        let mut a = self.active.lock().unwrap();
-        let mine = a.per_client.get(&ip).copied().unwrap_or(0);
-        if a.total >= max_total || mine >= max_client {
-            return Err(Refusal::Busy);
-        }
-        a.total += 1;
-        *a.per_client.entry(ip).or_insert(0) += 1;
-        crate::metrics::global().active(protocol).inc();
-        Ok(Slot {
-            gate: self.clone(),
-            ip,
-            protocol,
-        })
-    }
-}
 
 /// Content found for a request, independent of the protocol that will carry it.
 pub struct Found {
@@ -120,12 +38,19 @@ pub enum FoundBody {
 }
 
 impl FoundBody {
-    /// An async reader, for the TFTP front end's block-sized reads (tokio's file buffers them).
-    pub fn into_reader(self) -> std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>> {
+    /// The TFTP engine's view: files are read with `pread` by the event loop (the cache's
+    /// in-use mark travels with the file), streams by a task.
+    pub fn into_tftp_body(self) -> Body {
         match self {
-            FoundBody::Cached(f) => Box::pin((*f).into_async_read()),
-            FoundBody::Local(f) => Box::pin(tokio::fs::File::from_std(f)),
-            FoundBody::Stream(r) => r,
+            FoundBody::Cached(f) => Body::File {
+                file: f.file,
+                keep: Box::new(f.guard),
+            },
+            FoundBody::Local(file) => Body::File {
+                file,
+                keep: Box::new(()),
+            },
+            FoundBody::Stream(r) => Body::Stream(r),
         }
     }
 }
@@ -189,32 +114,32 @@ pub struct TftpFront {
     pub resolver: Arc<Resolver>,
 }
 
-/// Wraps a reader so the admission slot lives exactly as long as the transfer's content.
-struct Guarded<R> {
-    inner: R,
-    _slot: Slot,
-}
+/// The admission slot travels with the transfer; the engine tells it when the client is on
+/// probation and when it has proven itself.
+impl Ticket for Slot {
+    fn on_probation(&mut self, displace: Box<dyn FnOnce() + Send>) {
+        Slot::on_probation(self, displace)
+    }
 
-impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Guarded<R> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    fn proven(&mut self) {
+        Slot::proven(self)
     }
 }
 
 impl Source for TftpFront {
+    fn allows(&self, client: IpAddr) -> bool {
+        self.gate.allows(client)
+    }
+
     fn open(&self, req: ReadRequest) -> BoxFuture<'_, Result<Content, OpenError>> {
         Box::pin(async move {
             let metrics = crate::metrics::global();
-            let slot = match self.gate.admit(req.client.ip(), "tftp") {
+            let slot = match self.gate.admit_queued(req.client.ip(), "tftp").await {
                 Ok(s) => s,
                 Err(Refusal::Denied) => {
                     metrics.request("tftp", "denied");
                     info!(client = %req.client, name = %req.name, "refused: client outside access.allow");
-                    return Err(OpenError::Denied("access denied".into()));
+                    return Err(OpenError::Denied);
                 }
                 Err(Refusal::Busy) => {
                     metrics.request("tftp", "error");
@@ -227,11 +152,9 @@ impl Source for TftpFront {
                     crate::phones::started(req.client.ip(), req.name.as_str(), "tftp", found.size);
                     Ok(Content {
                         size: found.size,
-                        reader: Box::pin(Guarded {
-                            inner: found.body.into_reader(),
-                            _slot: slot,
-                        }),
+                        body: found.body.into_tftp_body(),
                         origin: found.origin,
+                        ticket: Box::new(slot),
                     })
                 }
                 Err(Lookup::NotFound) => {
@@ -239,20 +162,11 @@ impl Source for TftpFront {
                     crate::phones::unanswered(req.client.ip(), req.name.as_str(), "tftp", None);
                     Err(OpenError::NotFound)
                 }
-                Err(Lookup::Unreachable(_)) => {
-                    metrics.request("tftp", "error");
-                    crate::phones::unanswered(
-                        req.client.ip(),
-                        req.name.as_str(),
-                        "tftp",
-                        Some("upstream unreachable"),
-                    );
-                    Err(OpenError::Unavailable("upstream unreachable".into()))
+                // The details stay here, in the log: never on the wire to a phone.
+                Err(Lookup::Unreachable(why)) => {
+                    Err(unavailable(&req, "upstream unreachable", &why))
                 }
-                Err(Lookup::Failed(why)) => {
-                    metrics.request("tftp", "error");
-                    Err(OpenError::Unavailable(why))
-                }
+                Err(Lookup::Failed(why)) => Err(unavailable(&req, "upstream failed", &why)),
             }
         })
     }
@@ -296,4 +210,13 @@ impl Source for TftpFront {
             ),
         }
     }
+}
+
+/// A request that found no content because the upstreams failed: counted, noted in the phones
+/// view, logged with the details, and answered with a fixed text (the details never reach a phone).
+fn unavailable(req: &ReadRequest, reason: &str, why: &str) -> OpenError {
+    crate::metrics::global().request("tftp", "error");
+    crate::phones::unanswered(req.client.ip(), req.name.as_str(), "tftp", Some(reason));
+    info!(client = %req.client, name = %req.name, "unavailable: {why}");
+    OpenError::Unavailable
 }

@@ -12,8 +12,8 @@ use thiserror::Error;
 use tokio::net::UdpSocket;
 
 use super::netascii;
+use super::packet::Mode;
 use super::packet::{ErrorCode, Options, Packet, DEFAULT_BLKSIZE};
-use super::server::Mode;
 use super::transfer::{Negotiated, Params, Receiver, Status};
 use crate::net::bind_udp;
 
@@ -266,15 +266,14 @@ impl Download {
             biased;
             r = self.sock.recv_from(&mut self.buf) => {
                 let (n, from) = r?;
-                match self.peer {
-                    None if from.ip() == self.server.ip() => self.peer = Some(from),
-                    Some(p) if p == from => {}
-                    _ => {
-                        // RFC 1350 §4: not our server's TID.
-                        let e = Packet::error(ErrorCode::UnknownTid, "unknown transfer ID").encode();
-                        let _ = self.sock.send_to(&e, from).await;
-                        return Ok(());
-                    }
+                // The server's first answer fixes its TID (from any port of its address).
+                if self.peer.is_none() && from.ip() == self.server.ip() {
+                    self.peer = Some(from);
+                }
+                let peer = self.peer.unwrap_or(self.server);
+                if let Some(e) = super::transfer::foreign_tid(peer, from) {
+                    let _ = self.sock.send_to(&e, from).await;
+                    return Ok(());
                 }
                 match Packet::decode(&self.buf[..n]) {
                     Ok(p) => self.receiver.handle(&p, Instant::now()),

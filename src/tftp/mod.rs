@@ -1,12 +1,14 @@
-//! The TFTP protocol: wire format, pure transfer state machines, and the tokio drivers around
-//! them. Nothing in here knows about caches or upstreams: a server serves whatever a [`Source`]
-//! hands it, and a client yields bytes to whoever asked.
+//! The TFTP protocol: wire format, pure transfer state machines, the server (its request port
+//! on tokio, its transfers on the event loops of `engine`) and the tokio client. Nothing in
+//! here knows about caches or upstreams: a server serves whatever a [`Source`] hands it, and a
+//! client yields bytes to whoever asked.
 
-mod blocking;
 pub mod client;
+mod engine;
+mod feed;
 pub mod netascii;
 pub mod packet;
 pub mod server;
 pub mod transfer;
 
-pub use server::{Content, OpenError, Origin, ReadRequest, Source};
+pub use server::{Body, Content, OpenError, Origin, ReadRequest, Source, Ticket};

@@ -22,6 +22,58 @@ pub const TIMEOUT_MIN: u8 = 1;
 pub const TIMEOUT_MAX: u8 = 255;
 /// RFC 7440: windowsize between 1 and 65535 blocks.
 pub const WINDOWSIZE_MIN: u16 = 1;
+/// RFC 2347 §"Packet Formats": a request with its options fits in 512 octets. Longer requests
+/// are refused before they are parsed, so a datagram can never cost more than this to decode.
+pub const MAX_REQUEST_LEN: usize = 512;
+/// More options than any client sends (tftp-hpa, curl, atftp and phones send at most 5); a
+/// request with more is refused rather than parsed on.
+pub const MAX_OPTIONS: usize = 16;
+
+/// Transfer mode requested by the client (RFC 1350 §5). `mail` is obsolete and refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    Octet,
+    Netascii,
+}
+
+impl Mode {
+    /// The mode named on the wire (case-insensitive, RFC 1350 §5); `None` for anything else.
+    pub fn from_wire(mode: &str) -> Option<Mode> {
+        if mode.eq_ignore_ascii_case("octet") {
+            Some(Mode::Octet)
+        } else if mode.eq_ignore_ascii_case("netascii") {
+            Some(Mode::Netascii)
+        } else {
+            None
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Octet => "octet",
+            Mode::Netascii => "netascii",
+        }
+    }
+}
+
+/// An ERROR the server sends: a code and a short fixed text. Texts are `'static` on purpose:
+/// nothing a client sent (and nothing about our disks or upstreams) is ever echoed back, so an
+/// ERROR is never larger than the request that drew it and leaks nothing (details are logged).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorPacket {
+    pub code: ErrorCode,
+    pub text: &'static str,
+}
+
+impl ErrorPacket {
+    pub const fn new(code: ErrorCode, text: &'static str) -> ErrorPacket {
+        ErrorPacket { code, text }
+    }
+
+    pub fn encode(&self) -> Bytes {
+        Packet::error(self.code, self.text).encode()
+    }
+}
 
 /// TFTP error codes (RFC 1350 Appendix, RFC 2347 adds 8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +203,8 @@ pub enum DecodeError {
     BadOption { name: String, value: String },
     #[error("option {0} given twice")]
     DuplicateOption(String),
+    #[error("more than {MAX_OPTIONS} options")]
+    TooManyOptions,
 }
 
 impl DecodeError {
@@ -158,10 +212,19 @@ impl DecodeError {
     /// negotiation failure is code 8).
     pub fn error_code(&self) -> ErrorCode {
         match self {
-            DecodeError::BadOption { .. } | DecodeError::DuplicateOption(_) => {
-                ErrorCode::OptionRefused
-            }
+            DecodeError::BadOption { .. }
+            | DecodeError::DuplicateOption(_)
+            | DecodeError::TooManyOptions => ErrorCode::OptionRefused,
             _ => ErrorCode::IllegalOperation,
+        }
+    }
+
+    /// The fixed ERROR a server answers with: the code, and a text that echoes nothing of the
+    /// request (the `Display` text, with the offending bytes, is for the log).
+    pub fn reply(&self) -> ErrorPacket {
+        match self.error_code() {
+            ErrorCode::OptionRefused => ErrorPacket::new(ErrorCode::OptionRefused, "bad option"),
+            code => ErrorPacket::new(code, "malformed request"),
         }
     }
 }
@@ -358,7 +421,8 @@ impl<'a> NulFields<'a> {
 
 fn decode_options(fields: &mut NulFields<'_>, request: bool) -> Result<Options, DecodeError> {
     let mut options = Options::default();
-    let mut seen: Vec<String> = Vec::new();
+    // Linear in the packet: names are checked against a hash set, and their number is capped.
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
     while let Some(name) = fields.next_bytes()? {
         let value = match fields.next_bytes()? {
             Some(v) => v,
@@ -371,10 +435,12 @@ fn decode_options(fields: &mut NulFields<'_>, request: bool) -> Result<Options, 
         if name.is_empty() {
             continue;
         }
-        if seen.contains(&name) {
+        if seen.len() == MAX_OPTIONS {
+            return Err(DecodeError::TooManyOptions);
+        }
+        if !seen.insert(name.clone()) {
             return Err(DecodeError::DuplicateOption(name));
         }
-        seen.push(name.clone());
         let bad = || DecodeError::BadOption {
             name: name.clone(),
             value: value.clone(),

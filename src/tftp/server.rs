@@ -1,35 +1,33 @@
-//! The TFTP server: listens on every configured address, answers each read request from its own
-//! task and its own ephemeral socket (a new TID, RFC 1350 §4), and drives a
-//! [`transfer::Sender`](super::transfer::Sender) with the bytes a [`Source`] hands it.
+//! The TFTP server's front door: listens on every configured address, screens each datagram
+//! (opcode, then the source's allow list, then size, and only then parsing), absorbs a resent
+//! request for a transfer already in progress, asks the [`Source`] for content (admission and
+//! its queue happen there), decides the options ([`accept`]), and only then binds the
+//! transfer's own socket (a new TID, RFC 1350 §4) and hands it to the [`Engine`]'s event loops.
+//!
+//! Everything said to a client before a transfer starts is a short fixed ERROR
+//! ([`ErrorPacket`]); what went wrong, with the client's address, goes to the log.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use super::netascii;
-use super::packet::{ErrorCode, Options, Packet, BLKSIZE_MIN, DEFAULT_BLKSIZE};
-use super::transfer::{Params, Sender};
+use super::engine::{Engine, Job};
+pub use super::feed::Body;
+pub use super::packet::Mode;
+use super::packet::{ErrorCode, ErrorPacket, Packet, MAX_REQUEST_LEN, OP_RRQ, OP_WRQ};
+use super::transfer::{accept, Limits, Sender};
 use crate::name::{FileName, NameError};
-use crate::net::bind_udp;
-
-/// Transfer mode requested by the client (RFC 1350 §5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Octet,
-    Netascii,
-}
+use crate::net::{bind_udp, bind_udp_std};
 
 /// What a front end learns about a read request before it opens the file.
 #[derive(Debug, Clone)]
@@ -39,15 +37,29 @@ pub struct ReadRequest {
     pub mode: Mode,
 }
 
-/// Bytes to send. `size` is known for cached files and for misses whose upstream announced it
-/// (tsize is offered only when it is known); `reader` may yield slowly (stream-through from an
-/// upstream) and must fail with an error rather than end early if its source was truncated.
+/// Bytes to send. `size` is known for files on disk and for misses whose upstream announced
+/// it (tsize is offered only when it is known).
 pub struct Content {
     pub size: Option<u64>,
-    pub reader: Pin<Box<dyn AsyncRead + Send>>,
+    pub body: Body,
     /// Where the bytes come from, for the transfer's log line and metrics.
     pub origin: Origin,
+    /// Held for the transfer's life (the admission slot), told how the client behaves.
+    pub ticket: Box<dyn Ticket>,
 }
+
+/// What a source holds for one transfer (its admission slot), dropped when the transfer ends.
+/// The engine tells it when the transfer starts waiting for its client and when the client has
+/// proven it is there, so admission can make unproven transfers cheap (issue 11).
+pub trait Ticket: Send {
+    /// The transfer is running and its client has not acknowledged anything yet; calling
+    /// `displace` ends it (a new request needs its slot more than a silent client does).
+    fn on_probation(&mut self, _displace: Box<dyn FnOnce() + Send>) {}
+    /// The client acknowledged something: it is really there; never displace it.
+    fn proven(&mut self) {}
+}
+
+impl Ticket for () {}
 
 /// Where a transfer's bytes came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,18 +89,34 @@ impl Origin {
     }
 }
 
-/// Why a file cannot be served; each maps to one TFTP ERROR (RFC 1350 §5).
-#[derive(Debug, Error)]
+/// Why a file cannot be served; each maps to one fixed TFTP ERROR (RFC 1350 §5). The source
+/// logs the details; none of them reach the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum OpenError {
     #[error("file not found")]
     NotFound,
-    #[error("access violation: {0}")]
-    Denied(String),
+    #[error("access denied")]
+    Denied,
     #[error("server busy")]
     Busy,
-    #[error("{0}")]
-    Unavailable(String),
+    #[error("temporarily unavailable")]
+    Unavailable,
 }
+
+impl OpenError {
+    pub fn reply(self) -> ErrorPacket {
+        match self {
+            OpenError::NotFound => ErrorPacket::new(ErrorCode::FileNotFound, "File not found"),
+            OpenError::Denied => ErrorPacket::new(ErrorCode::AccessViolation, "access denied"),
+            OpenError::Busy => BUSY,
+            OpenError::Unavailable => {
+                ErrorPacket::new(ErrorCode::NotDefined, "temporarily unavailable")
+            }
+        }
+    }
+}
+
+const BUSY: ErrorPacket = ErrorPacket::new(ErrorCode::NotDefined, "server busy");
 
 /// How a transfer ended, handed back to the source for logging and metrics.
 #[derive(Debug, Clone)]
@@ -107,6 +135,12 @@ pub struct TransferReport {
 
 /// Where the server gets file content: a directory, the cache, the miss path.
 pub trait Source: Send + Sync + 'static {
+    /// Whether `client` may be served at all. Asked before anything beyond the opcode is
+    /// parsed, so a host outside the allow list costs a lookup and nothing more.
+    fn allows(&self, _client: IpAddr) -> bool {
+        true
+    }
+
     fn open(&self, req: ReadRequest) -> BoxFuture<'_, Result<Content, OpenError>>;
 
     /// Called once per finished (or failed) transfer.
@@ -120,6 +154,8 @@ pub struct ServerConfig {
     pub max_blksize: u16,
     pub max_windowsize: u16,
     pub timeout: Duration,
+    /// Cap on a negotiated timeout (RFC 2349 allows 255 s).
+    pub max_timeout: Duration,
     pub retries: u32,
     /// How long shutdown waits for transfers in flight.
     pub drain: Duration,
@@ -132,8 +168,21 @@ impl Default for ServerConfig {
             max_blksize: 1468,
             max_windowsize: 64,
             timeout: Duration::from_secs(1),
+            max_timeout: Duration::from_secs(5),
             retries: 6,
             drain: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ServerConfig {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_blksize: self.max_blksize,
+            max_windowsize: self.max_windowsize,
+            timeout: self.timeout,
+            max_timeout: self.max_timeout.max(Duration::from_secs(1)),
+            retries: self.retries,
         }
     }
 }
@@ -148,8 +197,18 @@ pub struct Server {
 /// or the kernel drops packets and recovery costs a timeout (peers.md).
 const MIN_SOCKET_BUFFER: usize = 1 << 20;
 
+/// Event-loop threads: one per core, at most four (more buys nothing for a lock-step
+/// protocol whose cost is per datagram, and each loop is a thread the unit must allow).
+pub fn loop_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 4)
+}
+
 impl Server {
     pub fn bind(cfg: ServerConfig) -> io::Result<Server> {
+        crate::net::raise_fd_limit();
         let mut sockets = Vec::new();
         for addr in &cfg.listen {
             let sock = bind_udp(*addr, MIN_SOCKET_BUFFER)
@@ -172,423 +231,275 @@ impl Server {
         source: Arc<S>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> io::Result<()> {
-        let cfg = Arc::new(self.cfg);
-        let (req_tx, mut req_rx) = mpsc::channel::<(Arc<UdpSocket>, SocketAddr, Bytes)>(1024);
-        let mut listeners = JoinSet::new();
+        let engine = Engine::start(loop_threads(), tokio::runtime::Handle::current())?;
+        let drain = self.cfg.drain;
+        let door = Arc::new(Door {
+            limits: self.cfg.limits(),
+            source,
+            engine,
+            in_progress: Mutex::new(HashSet::new()),
+            opening: AtomicUsize::new(0),
+        });
+        let mut listeners = tokio::task::JoinSet::new();
         for sock in &self.sockets {
-            let sock = sock.clone();
-            let tx = req_tx.clone();
+            let (sock, door) = (sock.clone(), door.clone());
             listeners.spawn(async move {
-                let mut buf = vec![0u8; 65536];
+                // Requests longer than MAX_REQUEST_LEN are refused unread: a larger buffer
+                // only tells us that one was longer.
+                let mut buf = vec![0u8; MAX_REQUEST_LEN + 1];
                 loop {
                     match sock.recv_from(&mut buf).await {
-                        Ok((n, peer)) => {
-                            let data = Bytes::copy_from_slice(&buf[..n]);
-                            if tx.send((sock.clone(), peer, data)).await.is_err() {
-                                return;
-                            }
-                        }
+                        Ok((n, peer)) => door.datagram(&sock, peer, &buf[..n]).await,
                         // ICMP errors surface here on some systems; keep listening.
                         Err(e) => debug!("TFTP listener recv error: {e}"),
                     }
                 }
             });
         }
-        drop(req_tx);
-        let mut transfers = JoinSet::new();
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => break,
-                Some((sock, peer, data)) = req_rx.recv() => {
-                    let cfg = cfg.clone();
-                    let source = source.clone();
-                    transfers.spawn(async move {
-                        handle_request(&cfg, &*source, sock, peer, &data).await;
-                    });
-                }
-                Some(_) = transfers.join_next(), if !transfers.is_empty() => {}
-            }
-        }
+        shutdown.await;
         // Stop answering new requests at once: the ports are free for a restarted server
         // while the transfers in flight finish on their own sockets.
         listeners.abort_all();
         while listeners.join_next().await.is_some() {}
         drop(self.sockets);
-        drop(req_rx);
-        if !transfers.is_empty() {
+        let deadline = Instant::now() + drain;
+        let busy = || door.engine.active() + door.opening.load(Ordering::Acquire);
+        if busy() > 0 {
             info!(
-                "shutting down: waiting up to {:?} for {} TFTP transfer(s)",
-                cfg.drain,
-                transfers.len()
+                "shutting down: waiting up to {drain:?} for {} TFTP transfer(s)",
+                busy()
             );
-            let drained = tokio::time::timeout(cfg.drain, async {
-                while transfers.join_next().await.is_some() {}
-            })
-            .await;
-            if drained.is_err() {
-                warn!("{} TFTP transfer(s) cut short by shutdown", transfers.len());
-                transfers.abort_all();
-            }
         }
+        while busy() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if busy() > 0 {
+            warn!("{} TFTP transfer(s) cut short by shutdown", busy());
+        }
+        door.engine.stop();
         Ok(())
     }
 }
 
-fn error_bytes(code: ErrorCode, msg: &str) -> Bytes {
-    Packet::error(code, msg).encode()
+/// The shared state of the request path.
+struct Door<S> {
+    limits: Limits,
+    source: Arc<S>,
+    engine: Engine,
+    /// Requests being served, as (client TID, exact request bytes): a resend of one of these
+    /// is absorbed by the transfer already answering it (RFC 1350 leaves duplicates to the
+    /// server; answering twice doubles the work in a storm). Bounded by the transfers and
+    /// admission's queue, which bound everything that holds an entry.
+    in_progress: Mutex<HashSet<(SocketAddr, Bytes)>>,
+    /// Requests between the door and the engine (waiting for admission or content).
+    opening: AtomicUsize,
 }
 
-async fn handle_request<S: Source + ?Sized>(
-    cfg: &ServerConfig,
-    source: &S,
-    listener: Arc<UdpSocket>,
-    peer: SocketAddr,
-    data: &[u8],
-) {
-    let started = Instant::now();
-    let pkt = match Packet::decode(data) {
-        Ok(p) => p,
-        Err(e) => {
-            info!(client = %peer, "bad TFTP request: {e}");
-            let _ = listener
-                .send_to(&error_bytes(e.error_code(), &e.to_string()), peer)
-                .await;
-            return;
-        }
-    };
-    let (filename, mode, options) = match pkt {
-        Packet::Rrq {
-            filename,
-            mode,
-            options,
-        } => (filename, mode, options),
-        Packet::Wrq { filename, .. } => {
-            info!(client = %peer, name = %filename, "write request refused: read-only server");
-            let _ = listener
-                .send_to(
-                    &error_bytes(ErrorCode::AccessViolation, "read-only server"),
-                    peer,
-                )
-                .await;
-            return;
-        }
-        other => {
-            // A stray DATA/ACK/ERROR on the well-known port belongs to no transfer.
-            debug!(client = %peer, "unexpected {other:?} on the request port");
-            if !matches!(other, Packet::Error { .. }) {
-                let _ = listener
-                    .send_to(
-                        &error_bytes(ErrorCode::UnknownTid, "unknown transfer ID"),
-                        peer,
-                    )
-                    .await;
-            }
-            return;
-        }
-    };
-    let mode = match mode.to_ascii_lowercase().as_str() {
-        "octet" => Mode::Octet,
-        "netascii" => Mode::Netascii,
-        other => {
-            let msg = format!("unsupported mode {other:?}");
-            info!(client = %peer, name = %filename, "{msg}");
-            let _ = listener
-                .send_to(&error_bytes(ErrorCode::IllegalOperation, &msg), peer)
-                .await;
-            return;
-        }
-    };
-    // The transfer gets its own socket: a new TID (RFC 1350 §4), on the listener's address.
-    let local = listener
-        .local_addr()
-        .map(|a| SocketAddr::new(a.ip(), 0))
-        .unwrap_or_else(|_| "0.0.0.0:0".parse().unwrap());
-    let blksize = options
-        .blksize
-        .unwrap_or(DEFAULT_BLKSIZE)
-        .min(cfg.max_blksize);
-    let window = options.windowsize.unwrap_or(1).min(cfg.max_windowsize);
-    let buffer = (blksize as usize + 4) * window as usize * 2;
-    let sock = match bind_udp(local, buffer.max(256 * 1024)) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(client = %peer, "cannot open a transfer socket: {e}");
-            let _ = listener
-                .send_to(&error_bytes(ErrorCode::NotDefined, "server busy"), peer)
-                .await;
-            return;
-        }
-    };
-    drop(listener);
-    let name = match FileName::parse(&filename) {
-        Ok(n) => n,
-        Err(e) => {
-            let code = match e {
-                NameError::Empty => ErrorCode::FileNotFound,
-                _ => ErrorCode::AccessViolation,
-            };
-            info!(client = %peer, name = %filename.escape_debug(), "refused: {e}");
-            let _ = sock.send_to(&error_bytes(code, &e.to_string()), peer).await;
-            return;
-        }
-    };
-    let req = ReadRequest {
-        name: name.clone(),
-        client: peer,
-        mode,
-    };
-    let content = match source.open(req).await {
-        Ok(c) => c,
-        Err(e) => {
-            let (code, msg) = match &e {
-                OpenError::NotFound => (ErrorCode::FileNotFound, "File not found".to_string()),
-                OpenError::Denied(why) => (ErrorCode::AccessViolation, why.clone()),
-                OpenError::Busy => (ErrorCode::NotDefined, "server busy".to_string()),
-                OpenError::Unavailable(why) => (ErrorCode::NotDefined, why.clone()),
-            };
-            debug!(client = %peer, name = %name, "answered ERROR {}: {msg}", code.as_u16());
-            let _ = sock.send_to(&error_bytes(code, &msg), peer).await;
-            source.finished(&TransferReport {
-                client: peer,
-                name: name.to_string(),
-                bytes: 0,
-                duration: started.elapsed(),
-                first_data: None,
-                origin: None,
-                outcome: Err(e.to_string()),
-            });
-            return;
-        }
-    };
-    let origin = content.origin.clone();
-    let (params, oack) = negotiate(cfg, &options, mode, content.size);
-    let outcome = run_transfer(sock, peer, params, oack, content, mode).await;
-    let (bytes, first_data, result) = outcome;
-    source.finished(&TransferReport {
-        client: peer,
-        name: name.to_string(),
-        bytes,
-        duration: started.elapsed(),
-        first_data: first_data.map(|t| t.saturating_duration_since(started)),
-        origin: Some(origin),
-        outcome: result,
-    });
+/// Removes a request from [`Door::in_progress`] when its transfer (or refusal) is over.
+struct InProgress<S: Source> {
+    door: Arc<Door<S>>,
+    key: Option<(SocketAddr, Bytes)>,
 }
 
-/// Answers the client's options within our caps (RFC 2347-2349, 7440). Returns the transfer
-/// parameters and the OACK options, `None` when no option is acknowledged.
-pub fn negotiate(
-    cfg: &ServerConfig,
-    asked: &Options,
-    mode: Mode,
-    size: Option<u64>,
-) -> (Params, Option<Options>) {
-    let mut params = Params {
-        blksize: DEFAULT_BLKSIZE,
-        windowsize: 1,
-        timeout: cfg.timeout,
-        retries: cfg.retries,
-    };
-    let mut oack = Options::default();
-    if let Some(b) = asked.blksize {
-        let b = b.min(cfg.max_blksize).max(BLKSIZE_MIN);
-        params.blksize = b;
-        oack.blksize = Some(b);
-    }
-    if let Some(t) = asked.timeout {
-        params.timeout = Duration::from_secs(t as u64);
-        oack.timeout = Some(t);
-    }
-    // RFC 2349: tsize in a RRQ is 0 and asks for the size; only answer it when we know it.
-    // In netascii the size on the wire differs from the file's, so it is not offered.
-    // curl (7.88) rejects an OACK carrying `tsize 0`, so an empty file goes without it.
-    if asked.tsize.is_some() && mode == Mode::Octet {
-        if let Some(size) = size.filter(|&s| s > 0) {
-            oack.tsize = Some(size);
+impl<S: Source> Drop for InProgress<S> {
+    fn drop(&mut self) {
+        if let Some(k) = self.key.take() {
+            self.door.in_progress.lock().unwrap().remove(&k);
         }
     }
-    if let Some(w) = asked.windowsize {
-        let w = w.min(cfg.max_windowsize).max(1);
-        params.windowsize = w;
-        oack.windowsize = Some(w);
+}
+
+/// Ends the "opening" count of a request on every path out of [`Door::serve`].
+struct Opening<'a>(&'a AtomicUsize);
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
-    let oack = (!oack.is_empty()).then_some(oack);
-    (params, oack)
 }
 
-/// What the reader task hands the transfer: read-ahead chunks, then an explicit end (a closed
-/// channel without `End` means the reader died, which must never look like a complete file).
-enum Chunk {
-    Data(Bytes),
-    End,
-    Failed(io::Error),
+/// A held ticket plus the request's in-progress entry: both live exactly as long as the
+/// transfer.
+struct Held<S: Source> {
+    ticket: Box<dyn Ticket>,
+    _entry: InProgress<S>,
 }
 
-/// Reads `Content` ahead of the sender in large chunks (translated to netascii when asked), so
-/// the transfer task is not woken per block.
-async fn read_ahead(
-    chunk_size: usize,
-    mut content: Content,
-    mode: Mode,
-    tx: mpsc::Sender<Chunk>,
-    wake: Arc<super::blocking::Wake>,
-) {
-    let mut ascii = Vec::new();
-    loop {
-        // Read straight into the buffer that travels on: an octet chunk is never copied.
-        let mut buf = BytesMut::with_capacity(chunk_size);
-        match content.reader.read_buf(&mut buf).await {
-            Ok(0) => break,
-            Ok(_) => {}
+impl<S: Source> Ticket for Held<S> {
+    fn on_probation(&mut self, displace: Box<dyn FnOnce() + Send>) {
+        self.ticket.on_probation(displace)
+    }
+    fn proven(&mut self) {
+        self.ticket.proven()
+    }
+}
+
+/// Sends a fixed ERROR from the request port; a failure only means the client asks again.
+async fn refuse(sock: &UdpSocket, peer: SocketAddr, e: ErrorPacket) {
+    if let Err(err) = sock.send_to(&e.encode(), peer).await {
+        debug!(client = %peer, "send failed: {err}");
+    }
+}
+
+impl<S: Source> Door<S> {
+    /// Screens one datagram on a listener, cheapest check first.
+    async fn datagram(self: &Arc<Self>, sock: &Arc<UdpSocket>, peer: SocketAddr, data: &[u8]) {
+        if data.len() < 4 {
+            // Not even an opcode and a name: nothing to answer.
+            return;
+        }
+        let op = u16::from_be_bytes([data[0], data[1]]);
+        if op != OP_RRQ && op != OP_WRQ {
+            // A stray DATA/ACK/ERROR (or garbage) on the request port belongs to no transfer;
+            // answering would only reflect traffic at whoever the source claims to be.
+            debug!(client = %peer, "ignored opcode {op} on the request port");
+            return;
+        }
+        if !self.source.allows(peer.ip()) {
+            crate::metrics::global().request("tftp", "denied");
+            info!(client = %peer, "refused: client outside access.allow");
+            return refuse(sock, peer, OpenError::Denied.reply()).await;
+        }
+        if op == OP_WRQ {
+            info!(client = %peer, "write request refused: read-only server");
+            return refuse(
+                sock,
+                peer,
+                ErrorPacket::new(ErrorCode::AccessViolation, "read-only server"),
+            )
+            .await;
+        }
+        if data.len() > MAX_REQUEST_LEN {
+            info!(client = %peer, bytes = data.len(), "refused: request longer than 512 bytes");
+            return refuse(
+                sock,
+                peer,
+                ErrorPacket::new(ErrorCode::IllegalOperation, "request too long"),
+            )
+            .await;
+        }
+        let pkt = match Packet::decode(data) {
+            Ok(p) => p,
             Err(e) => {
-                let _ = tx.send(Chunk::Failed(e)).await;
-                wake.notify();
-                return;
-            }
-        }
-        let chunk = match mode {
-            Mode::Octet => buf.freeze(),
-            Mode::Netascii => {
-                ascii.clear();
-                netascii::encode(&buf, &mut ascii);
-                Bytes::copy_from_slice(&ascii)
+                info!(client = %peer, "bad TFTP request: {}", e.to_string().escape_debug());
+                return refuse(sock, peer, e.reply()).await;
             }
         };
-        if tx.send(Chunk::Data(chunk)).await.is_err() {
+        let Packet::Rrq { filename, mode, .. } = &pkt else {
+            return;
+        };
+        let Some(mode) = Mode::from_wire(mode) else {
+            info!(client = %peer, mode = %mode.escape_debug(), "refused: unsupported mode");
+            return refuse(
+                sock,
+                peer,
+                ErrorPacket::new(ErrorCode::IllegalOperation, "unsupported mode"),
+            )
+            .await;
+        };
+        let name = match FileName::parse(filename) {
+            Ok(n) => n,
+            Err(e) => {
+                info!(client = %peer, name = %filename.escape_debug(), "refused: {e}");
+                let reply = match e {
+                    NameError::Empty => OpenError::NotFound.reply(),
+                    _ => ErrorPacket::new(ErrorCode::AccessViolation, "access violation"),
+                };
+                return refuse(sock, peer, reply).await;
+            }
+        };
+        let key = (peer, Bytes::copy_from_slice(data));
+        if !self.in_progress.lock().unwrap().insert(key.clone()) {
+            debug!(client = %peer, name = %name, "resent request absorbed by its transfer");
+            crate::metrics::global().request("tftp", "duplicate");
             return;
         }
-        wake.notify();
-    }
-    if tx.send(Chunk::End).await.is_ok() {
-        wake.notify();
-        // A small file is read whole long before its last block is acknowledged. Hold the
-        // content until the transfer is over: whatever it carries (the admission slot, the
-        // open cache file) belongs to the transfer, not to the read-ahead.
-        tx.closed().await;
-    }
-}
-
-/// Cuts read-ahead chunks into blocks of exactly `blksize` bytes; the final block is shorter,
-/// and empty when the size is a multiple of blksize (RFC 1350 §6).
-struct Blocks {
-    rx: mpsc::Receiver<Chunk>,
-    pending: BytesMut,
-    blksize: usize,
-    ended: bool,
-    final_given: bool,
-}
-
-impl super::blocking::BlockSource for Blocks {
-    fn try_next(&mut self) -> io::Result<Option<Bytes>> {
-        loop {
-            if let Some(b) = self.cut() {
-                return Ok(Some(b));
-            }
-            match self.rx.try_recv() {
-                Ok(c) => self.take(c)?,
-                Err(mpsc::error::TryRecvError::Empty) => return Ok(None),
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    self.take_closed()?;
-                }
-            }
-        }
-    }
-}
-
-impl Blocks {
-    fn cut(&mut self) -> Option<Bytes> {
-        if self.pending.len() >= self.blksize {
-            return Some(self.pending.split_to(self.blksize).freeze());
-        }
-        if self.ended && !self.final_given {
-            self.final_given = true;
-            return Some(self.pending.split().freeze());
-        }
-        None
-    }
-
-    fn take(&mut self, c: Chunk) -> io::Result<()> {
-        match c {
-            // A chunk that starts a block boundary is cut in place (no copy); only a chunk that
-            // must be joined to the previous one's tail is copied.
-            Chunk::Data(d) if self.pending.is_empty() => self.pending = BytesMut::from(d),
-            Chunk::Data(d) => self.pending.extend_from_slice(&d),
-            Chunk::End => self.ended = true,
-            Chunk::Failed(e) => return Err(e),
-        }
-        Ok(())
-    }
-
-    fn take_closed(&mut self) -> io::Result<()> {
-        if self.ended {
-            // Only reached if asked again after the final block: nothing more to give.
-            return Err(io::Error::other("read past the end"));
-        }
-        Err(io::Error::other("content source ended unexpectedly"))
-    }
-}
-
-/// Runs one transfer: a read-ahead task on the runtime, the protocol on a thread of its own
-/// (see [`super::blocking`]). Returns the bytes acknowledged, when the first DATA went out, and
-/// the outcome.
-async fn run_transfer(
-    sock: UdpSocket,
-    peer: SocketAddr,
-    params: Params,
-    oack: Option<Options>,
-    content: Content,
-    mode: Mode,
-) -> (u64, Option<Instant>, Result<(), String>) {
-    let wake = match super::blocking::Wake::new() {
-        Ok(w) => Arc::new(w),
-        Err(e) => return (0, None, Err(format!("cannot create an eventfd: {e}"))),
-    };
-    let sock = match sock.into_std() {
-        Ok(s) => s,
-        Err(e) => {
-            return (
-                0,
-                None,
-                Err(format!("cannot take the transfer socket: {e}")),
-            )
-        }
-    };
-    // Read ahead about two windows, in chunks of 8-64 KiB: enough to never starve the sender,
-    // small enough that thousands of lock-step transfers stay within a few MB.
-    let chunk_size =
-        (params.blksize as usize * params.windowsize as usize * 2).clamp(8 << 10, 64 << 10);
-    let (tx, rx) = mpsc::channel(2);
-    let reader = tokio::spawn(read_ahead(chunk_size, content, mode, tx, wake.clone()));
-    let _abort_reader = AbortOnDrop(reader);
-    let mut blocks = Blocks {
-        rx,
-        pending: BytesMut::new(),
-        blksize: params.blksize as usize,
-        ended: false,
-        final_given: false,
-    };
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let spawned = std::thread::Builder::new()
-        .name("tftp-transfer".into())
-        .stack_size(256 * 1024)
-        .spawn(move || {
-            let sender = Sender::new(params, oack, Instant::now());
-            let r = super::blocking::run(sock, peer, sender, &mut blocks, &wake);
-            let _ = done_tx.send(r);
+        let entry = InProgress {
+            door: self.clone(),
+            key: Some(key),
+        };
+        self.opening.fetch_add(1, Ordering::AcqRel);
+        let (door, sock) = (self.clone(), sock.clone());
+        tokio::spawn(async move {
+            let _opening = Opening(&door.opening);
+            door.serve(&sock, peer, pkt, mode, name, entry).await
         });
-    if let Err(e) = spawned {
-        return (0, None, Err(format!("cannot start a transfer thread: {e}")));
     }
-    done_rx
-        .await
-        .unwrap_or_else(|_| (0, None, Err("transfer thread died".to_string())))
-}
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+    /// Opens the content (admission waits here), decides the options, binds the transfer's
+    /// socket and hands the transfer to the engine.
+    async fn serve(
+        &self,
+        listener: &UdpSocket,
+        peer: SocketAddr,
+        rrq: Packet,
+        mode: Mode,
+        name: FileName,
+        entry: InProgress<S>,
+    ) {
+        let started = Instant::now();
+        let req = ReadRequest {
+            name: name.clone(),
+            client: peer,
+            mode,
+        };
+        let mut report = TransferReport {
+            client: peer,
+            name: name.to_string(),
+            bytes: 0,
+            duration: Duration::ZERO,
+            first_data: None,
+            origin: None,
+            outcome: Ok(()),
+        };
+        let content = match self.source.open(req).await {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(client = %peer, name = %name, "answered {e}");
+                refuse(listener, peer, e.reply()).await;
+                report.duration = started.elapsed();
+                report.outcome = Err(e.to_string());
+                self.source.finished(&report);
+                return;
+            }
+        };
+        report.origin = Some(content.origin.clone());
+        let (params, oack) = match accept(&rrq, &self.limits, content.size) {
+            Ok(a) => a,
+            Err(e) => return refuse(listener, peer, e).await,
+        };
+        // The transfer gets its own socket: a new TID (RFC 1350 §4), on the listener's address.
+        let local = listener
+            .local_addr()
+            .map(|a| SocketAddr::new(a.ip(), 0))
+            .unwrap_or_else(|_| "0.0.0.0:0".parse().unwrap());
+        let buffer = (params.blksize as usize + 4) * params.windowsize as usize * 2;
+        let sock = match bind_udp_std(local, buffer.max(64 * 1024)) {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors (or ports): refused generically and counted.
+                warn!(client = %peer, name = %name, "cannot open a transfer socket: {e}");
+                crate::metrics::global().request("tftp", "error");
+                refuse(listener, peer, BUSY).await;
+                return;
+            }
+        };
+        let probation = self.limits.probation(&params);
+        let sender = Sender::on_probation(params, oack, Some(probation), Instant::now());
+        self.engine.start_transfer(Job {
+            sock,
+            peer,
+            sender,
+            body: content.body,
+            size: content.size,
+            mode,
+            ticket: Box::new(Held {
+                ticket: content.ticket,
+                _entry: entry,
+            }),
+            report,
+            started,
+            source: self.source.clone(),
+        });
     }
 }

@@ -14,11 +14,14 @@
 //! - A transfer whose size is a multiple of blksize ends with an empty DATA block.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use super::packet::{self, ErrorCode, Options, Packet, DEFAULT_BLKSIZE};
+use super::packet::{
+    self, ErrorCode, ErrorPacket, Mode, Options, Packet, BLKSIZE_MIN, DEFAULT_BLKSIZE,
+};
 
 /// Negotiated parameters of one transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +42,105 @@ impl Default for Params {
             retries: 6,
         }
     }
+}
+
+/// What a server lets a client negotiate (the `tftp:` section of the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_blksize: u16,
+    pub max_windowsize: u16,
+    /// Our retransmit timeout when the client asks for none.
+    pub timeout: Duration,
+    /// Cap on a negotiated timeout: RFC 2349 lets a client ask up to 255 s, which would let
+    /// one unanswered request hold a transfer for half an hour.
+    pub max_timeout: Duration,
+    pub retries: u32,
+}
+
+/// Retransmissions granted to a client that has not acknowledged anything yet. A spoofed
+/// request never will, so its transfer ends after the first packet and this many resends.
+pub const PROBATION_RETRIES: u32 = 2;
+
+impl Limits {
+    /// The probation of a new transfer: our base timeout (never a longer negotiated one) and
+    /// [`PROBATION_RETRIES`], so an unanswered transfer lives at most
+    /// `(PROBATION_RETRIES + 1) × timeout` (3 s by default).
+    pub fn probation(&self, params: &Params) -> Probation {
+        Probation {
+            timeout: params.timeout.min(self.timeout),
+            retries: PROBATION_RETRIES,
+        }
+    }
+}
+
+/// Decides a read request (RFC 1350 §5, RFC 2347-2349, RFC 7440): the transfer parameters and
+/// the options to acknowledge in an OACK (`None` when none is acknowledged), or the ERROR to
+/// answer. `size` is the file's size when known; tsize is offered only then.
+pub fn accept(
+    rrq: &Packet,
+    limits: &Limits,
+    size: Option<u64>,
+) -> Result<(Params, Option<Options>), ErrorPacket> {
+    let Packet::Rrq { mode, options, .. } = rrq else {
+        return Err(ErrorPacket::new(
+            ErrorCode::IllegalOperation,
+            "read requests only",
+        ));
+    };
+    let mode = Mode::from_wire(mode).ok_or(ErrorPacket::new(
+        ErrorCode::IllegalOperation,
+        "unsupported mode",
+    ))?;
+    let mut params = Params {
+        blksize: DEFAULT_BLKSIZE,
+        windowsize: 1,
+        timeout: limits.timeout,
+        retries: limits.retries,
+    };
+    let mut oack = Options::default();
+    if let Some(b) = options.blksize {
+        // RFC 2348: a larger request may be answered with a smaller size.
+        let b = b.min(limits.max_blksize).max(BLKSIZE_MIN);
+        params.blksize = b;
+        oack.blksize = Some(b);
+    }
+    if let Some(t) = options.timeout {
+        // RFC 2349 has the server accept or refuse the value; answering with our cap (a value
+        // the client can refuse with ERROR 8) keeps the transfer instead of refusing it.
+        let cap = limits.max_timeout.as_secs().clamp(1, 255) as u8;
+        let t = t.min(cap);
+        params.timeout = Duration::from_secs(t.into());
+        oack.timeout = Some(t);
+    }
+    // RFC 2349: tsize in a RRQ is 0 and asks for the size; only answer it when we know it.
+    // In netascii the size on the wire differs from the file's, so it is not offered.
+    // curl (7.88) rejects an OACK carrying `tsize 0`, so an empty file goes without it.
+    if options.tsize.is_some() && mode == Mode::Octet {
+        if let Some(size) = size.filter(|&s| s > 0) {
+            oack.tsize = Some(size);
+        }
+    }
+    if let Some(w) = options.windowsize {
+        let w = w.min(limits.max_windowsize).max(1);
+        params.windowsize = w;
+        oack.windowsize = Some(w);
+    }
+    Ok((params, (!oack.is_empty()).then_some(oack)))
+}
+
+/// The one transfer-ID rule (RFC 1350 §4), for both sides: a datagram from anywhere but the
+/// peer's address and port belongs to another transfer. It is answered with ERROR 5 (this
+/// packet, to its sender) and the transfer goes on undisturbed.
+pub fn foreign_tid(peer: SocketAddr, from: SocketAddr) -> Option<Bytes> {
+    (from != peer).then(|| ErrorPacket::new(ErrorCode::UnknownTid, "unknown transfer ID").encode())
+}
+
+/// The limits of a transfer whose client has not yet acknowledged anything (see
+/// [`Limits::probation`]). Once the client answers, the negotiated timeout and retries apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probation {
+    pub timeout: Duration,
+    pub retries: u32,
 }
 
 /// How a transfer ended, or that it has not.
@@ -107,11 +209,25 @@ pub struct Sender {
     deadline: Option<Instant>,
     outgoing: VecDeque<Bytes>,
     bytes_acked: u64,
+    /// Limits until the client's first acknowledgment, if any.
+    probation: Option<Probation>,
+    proven: bool,
 }
 
 impl Sender {
     /// `oack`: the options accepted for this client, or `None` for a plain RFC 1350 transfer.
     pub fn new(params: Params, oack: Option<Options>, now: Instant) -> Sender {
+        Sender::on_probation(params, oack, None, now)
+    }
+
+    /// A sender whose client must prove it is there: until its first acknowledgment the
+    /// `probation` timeout and retries apply instead of the negotiated ones.
+    pub fn on_probation(
+        params: Params,
+        oack: Option<Options>,
+        probation: Option<Probation>,
+        now: Instant,
+    ) -> Sender {
         let mut s = Sender {
             params,
             status: Status::Active,
@@ -124,12 +240,35 @@ impl Sender {
             deadline: None,
             outgoing: VecDeque::new(),
             bytes_acked: 0,
+            probation,
+            proven: false,
         };
         if let Some(o) = &s.oack {
             s.outgoing.push_back(o.clone());
-            s.deadline = Some(now + params.timeout);
+            s.deadline = Some(now + s.timeout());
         }
         s
+    }
+
+    /// Whether the client has acknowledged anything (the OACK or a DATA block): a spoofed
+    /// source never does.
+    pub fn is_proven(&self) -> bool {
+        self.proven
+    }
+
+    /// The retransmit timeout now: the probation's until the client first answers.
+    fn timeout(&self) -> Duration {
+        match self.probation {
+            Some(p) if !self.proven => p.timeout,
+            _ => self.params.timeout,
+        }
+    }
+
+    fn retries(&self) -> u32 {
+        match self.probation {
+            Some(p) if !self.proven => p.retries,
+            _ => self.params.retries,
+        }
     }
 
     pub fn params(&self) -> &Params {
@@ -181,7 +320,7 @@ impl Sender {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        let retries = self.params.retries;
+        let retries = self.retries();
         if !timer_fired(
             &mut self.deadline,
             &mut self.tries,
@@ -198,7 +337,7 @@ impl Sender {
             self.next_send = self.acked + 1;
             self.pump_inner();
         }
-        self.deadline = Some(now + self.params.timeout);
+        self.deadline = Some(now + self.timeout());
     }
 
     /// A datagram from the client's TID.
@@ -232,6 +371,7 @@ impl Sender {
             // RFC 2347: the client acknowledges the OACK with ACK 0.
             if block == 0 {
                 self.oack = None;
+                self.proven = true;
                 self.tries = 0;
                 self.deadline = None;
                 self.pump(now);
@@ -248,6 +388,7 @@ impl Sender {
             return;
         }
         let n = self.acked + delta;
+        self.proven = true;
         for _ in 0..delta {
             if let Some(b) = self.buffer.pop_front() {
                 self.bytes_acked += b.len() as u64;
@@ -274,7 +415,7 @@ impl Sender {
             return;
         }
         if self.pump_inner() {
-            self.deadline = Some(now + self.params.timeout);
+            self.deadline = Some(now + self.timeout());
         }
     }
 
@@ -958,6 +1099,145 @@ mod tests {
             e,
             Packet::Error {
                 code: ErrorCode::OptionRefused,
+                ..
+            }
+        ));
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            max_blksize: 1468,
+            max_windowsize: 64,
+            timeout: Duration::from_secs(1),
+            max_timeout: Duration::from_secs(5),
+            retries: 6,
+        }
+    }
+
+    fn rrq(mode: &str, options: Options) -> Packet {
+        Packet::Rrq {
+            filename: "f".into(),
+            mode: mode.into(),
+            options,
+        }
+    }
+
+    #[test]
+    fn a_plain_request_gets_rfc_1350_defaults_and_no_oack() {
+        let (p, oack) = accept(&rrq("octet", Options::default()), &limits(), Some(10)).unwrap();
+        assert_eq!(p, Params::default());
+        assert_eq!(oack, None);
+    }
+
+    #[test]
+    fn options_are_answered_within_the_caps() {
+        let asked = Options {
+            blksize: Some(65464),
+            windowsize: Some(1000),
+            timeout: Some(255),
+            tsize: Some(0),
+            unknown: vec![("multicast".into(), "".into())],
+        };
+        let (p, oack) = accept(&rrq("OCTET", asked), &limits(), Some(4000)).unwrap();
+        let oack = oack.unwrap();
+        assert_eq!((p.blksize, p.windowsize), (1468, 64));
+        // RFC 2349 asks up to 255 s; the cap is what we answer and what we use.
+        assert_eq!(oack.timeout, Some(5));
+        assert_eq!(p.timeout, Duration::from_secs(5));
+        assert_eq!(oack.tsize, Some(4000));
+        assert!(oack.unknown.is_empty(), "unknown options are ignored");
+    }
+
+    #[test]
+    fn tsize_of_an_empty_file_is_not_offered_for_curl() {
+        let asked = Options {
+            tsize: Some(0),
+            ..Default::default()
+        };
+        // curl 7.88 rejects an OACK with `tsize 0`: no OACK at all, a plain transfer.
+        let (_, oack) = accept(&rrq("octet", asked.clone()), &limits(), Some(0)).unwrap();
+        assert_eq!(oack, None);
+        // Unknown size (a miss whose upstream gave none) and netascii: not offered either.
+        assert_eq!(
+            accept(&rrq("octet", asked.clone()), &limits(), None)
+                .unwrap()
+                .1,
+            None
+        );
+        assert_eq!(
+            accept(&rrq("netascii", asked), &limits(), Some(9))
+                .unwrap()
+                .1,
+            None
+        );
+    }
+
+    #[test]
+    fn unsupported_modes_and_non_read_requests_are_illegal_operations() {
+        let e = accept(&rrq("mail", Options::default()), &limits(), Some(1)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::IllegalOperation);
+        let wrq = Packet::Wrq {
+            filename: "f".into(),
+            mode: "octet".into(),
+            options: Options::default(),
+        };
+        assert_eq!(
+            accept(&wrq, &limits(), None).unwrap_err().code,
+            ErrorCode::IllegalOperation
+        );
+    }
+
+    #[test]
+    fn an_unanswered_transfer_ends_after_its_probation() {
+        let t0 = Instant::now();
+        let asked = Options {
+            timeout: Some(255),
+            ..Default::default()
+        };
+        let (p, oack) = accept(&rrq("octet", asked), &limits(), Some(9)).unwrap();
+        let probation = limits().probation(&p);
+        let mut s = Sender::on_probation(p, oack, Some(probation), t0);
+        let mut sent = 0;
+        let mut now = t0;
+        while let Some(d) = s.poll_timeout() {
+            while s.poll_transmit().is_some() {
+                sent += 1;
+            }
+            now = d;
+            s.handle_timeout(now);
+        }
+        assert_eq!(*s.status(), Status::TimedOut);
+        assert!(!s.is_proven());
+        // The OACK and two resends, one base timeout apart: 3 s, not 7 × 255 s.
+        assert_eq!(sent, 1 + PROBATION_RETRIES as usize);
+        assert_eq!(now - t0, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn a_client_that_answers_gets_its_negotiated_timeout_and_retries() {
+        let t0 = Instant::now();
+        let asked = Options {
+            timeout: Some(4),
+            ..Default::default()
+        };
+        let (p, oack) = accept(&rrq("octet", asked), &limits(), Some(9)).unwrap();
+        let mut s = Sender::on_probation(p, oack, Some(limits().probation(&p)), t0);
+        assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(1)));
+        s.handle(&Packet::Ack { block: 0 }, t0);
+        assert!(s.is_proven());
+        s.push_data(Bytes::from_static(b"short"), t0);
+        assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(4)));
+    }
+
+    #[test]
+    fn the_tid_rule_answers_strangers_only() {
+        let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        assert!(foreign_tid(peer, peer).is_none());
+        let e = foreign_tid(peer, "127.0.0.1:5001".parse().unwrap()).unwrap();
+        assert!(matches!(
+            Packet::decode(&e).unwrap(),
+            Packet::Error {
+                code: ErrorCode::UnknownTid,
                 ..
             }
         ));

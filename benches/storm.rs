@@ -1,0 +1,232 @@
+//! Boot storm (issue 12): N simulated phones over TFTP (benches/storm/phones.rs), all starting
+//! within one second, against `branchtftp serve --root` and tftpd-hpa on the same files with
+//! the same generator, interleaved per N. Prints per N and server: phones booted, p50/p99 boot
+//! time, wall time, server CPU seconds per boot, peak RSS and threads, and the ratios.
+//!
+//!   cargo bench --bench storm                 # N = 500, 1000, 2000, 5000
+//!   STORM_PHONES=500,3000 cargo bench --bench storm
+//!
+//! Needs in.tftpd (tftpd-hpa). Not a CI test (tests/storm.rs runs 500 phones in CI).
+
+#[path = "storm/phones.rs"]
+mod phones;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn branchtftp(root: &Path, cache: &Path) -> Server {
+    let port = free_port();
+    let cfg = cache.join("bt.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "log: warn\ntftp:\n  listen: [\"127.0.0.1:{port}\"]\nhttp:\n  listen: []\nadmin:\n  listen: null\ncache:\n  dir: {}\n  overrides: {}\naccess:\n  allow: [\"127.0.0.0/8\"]\n",
+            cache.join("c").display(),
+            root.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_branchtftp"))
+        .args(["serve", "-c"])
+        .arg(&cfg)
+        .env_remove("BRANCHTFTP_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start branchtftp");
+    ready(Server {
+        child,
+        addr: ([127, 0, 0, 1], port).into(),
+    })
+}
+
+fn tftpd_hpa(root: &Path) -> Server {
+    let port = free_port();
+    let child = Command::new("in.tftpd")
+        .args(["-L", "-a", &format!("127.0.0.1:{port}"), "-s"])
+        .arg(root)
+        .args(["-u", "nobody"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start in.tftpd (apt-get install tftpd-hpa)");
+    ready(Server {
+        child,
+        addr: ([127, 0, 0, 1], port).into(),
+    })
+}
+
+/// Waits until the server answers a request (ERROR 1 for a missing name).
+fn ready(s: Server) -> Server {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 600];
+    for _ in 0..100 {
+        let _ = sock.send_to(b"\0\x01storm-probe\0octet\0", s.addr);
+        if sock.recv_from(&mut buf).is_ok() {
+            return s;
+        }
+    }
+    panic!("server on {} did not answer", s.addr);
+}
+
+/// utime + stime + children's (tftpd-hpa forks per transfer), in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // Fields 14-17 of stat(5); `after` starts at field 3.
+    let ticks = f.get(11..15).map(|s| s.iter().sum()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn status_field(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+struct Row {
+    booted: usize,
+    gave_up: usize,
+    p50: f64,
+    p99: f64,
+    wall: f64,
+    cpu_per_boot_ms: f64,
+    rss_mb: f64,
+    threads: u64,
+    resent: u32,
+}
+
+fn run(rt: &tokio::runtime::Runtime, server: &Server, n: usize) -> Row {
+    let pid = server.child.id();
+    let cpu0 = cpu_seconds(pid);
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let s2 = sampling.clone();
+    let sampler = std::thread::spawn(move || {
+        let mut threads = 0;
+        while s2.load(std::sync::atomic::Ordering::Relaxed) {
+            threads = threads.max(status_field(pid, "Threads:"));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        threads
+    });
+    let t = Instant::now();
+    let boots = rt.block_on(phones::storm(server.addr, n, Duration::from_secs(1)));
+    let wall = t.elapsed().as_secs_f64();
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let threads = sampler.join().unwrap();
+    let cpu = cpu_seconds(pid) - cpu0;
+    let mut times: Vec<f64> = boots
+        .iter()
+        .filter(|b| b.booted)
+        .map(|b| b.took.as_secs_f64())
+        .collect();
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| {
+        times
+            .get(((times.len() as f64 * p) as usize).min(times.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let booted = times.len();
+    Row {
+        booted,
+        gave_up: n - booted,
+        p50: pct(0.5),
+        p99: pct(0.99),
+        wall,
+        cpu_per_boot_ms: cpu * 1000.0 / booted.max(1) as f64,
+        rss_mb: status_field(pid, "VmHWM:") as f64 / 1024.0,
+        threads,
+        resent: boots.iter().map(|b| b.resent).sum(),
+    }
+}
+
+fn main() {
+    let ns: Vec<usize> = std::env::var("STORM_PHONES")
+        .unwrap_or_else(|_| "500,1000,2000,5000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let max = *ns.iter().max().unwrap_or(&500);
+    let root = tempfile::tempdir().unwrap();
+    phones::write_files(root.path(), max);
+    let cache = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    println!("| phones | server | booted | gave up | p50 s | p99 s | wall s | resent | CPU ms/boot | peak RSS MB | threads |");
+    println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let mut goodput = Vec::new();
+    for &n in &ns {
+        // A fresh server per N, so peak RSS is this N's.
+        let mut rows = Vec::new();
+        for (name, server) in [
+            ("branchtftp", branchtftp(root.path(), cache.path())),
+            ("tftpd-hpa", tftpd_hpa(root.path())),
+        ] {
+            let r = run(&rt, &server, n);
+            println!(
+                "| {n} | {name} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {:.1} | {} |",
+                r.booted,
+                r.gave_up,
+                r.p50,
+                r.p99,
+                r.wall,
+                r.resent,
+                r.cpu_per_boot_ms,
+                r.rss_mb,
+                if name == "tftpd-hpa" {
+                    "-".to_string()
+                } else {
+                    r.threads.to_string()
+                }
+            );
+            rows.push(r);
+            drop(server);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        goodput.push((n, rows[0].booted as f64 / rows[0].wall));
+        println!(
+            "|  | ratio branchtftp/tftpd-hpa | | | | | {:.2} | | {:.2} | | |",
+            rows[0].wall / rows[1].wall,
+            rows[0].cpu_per_boot_ms / rows[1].cpu_per_boot_ms
+        );
+    }
+    println!();
+    for (n, g) in &goodput {
+        println!("branchtftp goodput at {n}: {g:.0} boots/s");
+    }
+}

@@ -1,0 +1,214 @@
+//! Simulated phones booting over TFTP, for the boot-storm test (tests/storm.rs) and benchmark
+//! (benches/storm.rs). Each phone asks, one after the other, for the files a Cisco phone asks
+//! at boot: two trust lists that do not exist (answered "not found"), `ITLFile.tlv`, its own
+//! `SEP<MAC>.cnf.xml`, two locale files, tones, ring list and dial plan. Half ask
+//! `blksize 1428 tsize 0`, half no options. Like a phone, it resends a request after 1 s and
+//! gives up on a file after 4 sends; a lost block is recovered by resending its ACK.
+
+#![allow(dead_code)] // each user (test, benchmark) reads what it reports
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tokio::net::UdpSocket;
+
+/// The files every phone asks for that exist, with their sizes; plus `SEP<MAC>.cnf.xml`.
+pub const SHARED_FILES: &[(&str, usize)] = &[
+    ("ITLFile.tlv", 5_000),
+    ("English_United_States/mk-sip.jar", 40_000),
+    ("English_United_States/be-sip.jar", 20_000),
+    ("g3-tones.xml", 1_500),
+    ("RingList.xml", 600),
+    ("dialplan.xml", 900),
+];
+pub const MISSING_FILES: &[&str] = &["CTLSEP{MAC}.tlv", "ITLSEP{MAC}.tlv"];
+pub const CONFIG_SIZE: usize = 3_000;
+
+pub fn mac(i: usize) -> String {
+    format!("SEP0011{i:06X}")
+}
+
+/// Deterministic content, so a phone can check every byte without reading the file.
+pub fn content(name: &str, size: usize) -> Vec<u8> {
+    let seed = name
+        .bytes()
+        .fold(7u8, |a, b| a.wrapping_mul(31).wrapping_add(b));
+    (0..size)
+        .map(|i| seed.wrapping_add((i % 251) as u8))
+        .collect()
+}
+
+/// Writes the shared files and one config per phone under `root`.
+pub fn write_files(root: &Path, phones: usize) {
+    std::fs::create_dir_all(root.join("English_United_States")).unwrap();
+    for (name, size) in SHARED_FILES {
+        std::fs::write(root.join(name), content(name, *size)).unwrap();
+    }
+    for i in 0..phones {
+        let name = format!("{}.cnf.xml", mac(i));
+        std::fs::write(root.join(&name), content(&name, CONFIG_SIZE)).unwrap();
+    }
+}
+
+/// What one phone's boot came to.
+#[derive(Debug, Clone)]
+pub struct Boot {
+    pub booted: bool,
+    pub took: Duration,
+    /// Requests sent again after a second without an answer.
+    pub resent: u32,
+    pub failure: Option<String>,
+}
+
+/// Boots `phones` phones against `server`, all starting within `spread`; phone `i` binds a
+/// source address of 127.0.0.0/8 of its own group of 250 so per-client limits see many hosts.
+pub async fn storm(server: SocketAddr, phones: usize, spread: Duration) -> Vec<Boot> {
+    let mut tasks = Vec::with_capacity(phones);
+    for i in 0..phones {
+        let delay = spread.mul_f64(i as f64 / phones.max(1) as f64);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            boot(server, i).await
+        }));
+    }
+    let mut boots = Vec::with_capacity(phones);
+    for t in tasks {
+        boots.push(t.await.unwrap());
+    }
+    boots
+}
+
+async fn boot(server: SocketAddr, i: usize) -> Boot {
+    let started = Instant::now();
+    let ip = std::net::Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250) as u8 + 1);
+    let sock = match UdpSocket::bind((ip, 0)).await {
+        Ok(s) => s,
+        Err(e) => return failed(started, 0, format!("bind {ip}: {e}")),
+    };
+    let options = i % 2 == 0;
+    let mut resent = 0;
+    let mac = mac(i);
+    for missing in MISSING_FILES {
+        let name = missing.replace("{MAC}", &mac);
+        match fetch(&sock, server, &name, options, &mut resent).await {
+            Err(Fetch::NotFound) => {}
+            Ok(_) => return failed(started, resent, format!("{name}: expected not found")),
+            Err(e) => return failed(started, resent, format!("{name}: {e:?}")),
+        }
+    }
+    let config = format!("{mac}.cnf.xml");
+    let wanted = SHARED_FILES
+        .iter()
+        .map(|(n, s)| (n.to_string(), *s))
+        .chain(std::iter::once((config, CONFIG_SIZE)));
+    for (name, size) in wanted {
+        match fetch(&sock, server, &name, options, &mut resent).await {
+            Ok(data) if data == content(&name, size) => {}
+            Ok(data) => {
+                return failed(
+                    started,
+                    resent,
+                    format!("{name}: {} bytes, wrong", data.len()),
+                )
+            }
+            Err(e) => return failed(started, resent, format!("{name}: {e:?}")),
+        }
+    }
+    Boot {
+        booted: true,
+        took: started.elapsed(),
+        resent,
+        failure: None,
+    }
+}
+
+fn failed(started: Instant, resent: u32, why: String) -> Boot {
+    Boot {
+        booted: false,
+        took: started.elapsed(),
+        resent,
+        failure: Some(why),
+    }
+}
+
+#[derive(Debug)]
+enum Fetch {
+    NotFound,
+    Error(u16),
+    GaveUp,
+    Io,
+}
+
+const RESEND: Duration = Duration::from_secs(1);
+const SENDS: u32 = 4;
+
+/// One lock-step download (RFC 1350, with blksize/tsize options when `options`).
+async fn fetch(
+    sock: &UdpSocket,
+    server: SocketAddr,
+    name: &str,
+    options: bool,
+    resent: &mut u32,
+) -> Result<Vec<u8>, Fetch> {
+    let mut rrq = vec![0u8, 1];
+    rrq.extend_from_slice(name.as_bytes());
+    rrq.extend_from_slice(b"\0octet\0");
+    if options {
+        rrq.extend_from_slice(b"blksize\x001428\0tsize\x000\0");
+    }
+    let mut last: Vec<u8> = rrq;
+    let mut peer: Option<SocketAddr> = None;
+    let mut blksize = 512usize;
+    let mut expected: u16 = 1;
+    let mut data = Vec::new();
+    let mut buf = vec![0u8; 2048];
+    let mut sends = 0;
+    loop {
+        if sends == SENDS {
+            return Err(Fetch::GaveUp);
+        }
+        sock.send_to(&last, peer.unwrap_or(server))
+            .await
+            .map_err(|_| Fetch::Io)?;
+        sends += 1;
+        if sends > 1 {
+            *resent += 1;
+        }
+        let mut deadline = tokio::time::Instant::now() + RESEND;
+        // Wait for progress; every step forward is acknowledged at once and restarts the count.
+        while let Ok(Ok((n, from))) =
+            tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)).await
+        {
+            if n < 4 || peer.is_some_and(|p| p != from) || from.ip() != server.ip() {
+                continue;
+            }
+            let op = u16::from_be_bytes([buf[0], buf[1]]);
+            let arg = u16::from_be_bytes([buf[2], buf[3]]);
+            match op {
+                5 if arg == 1 => return Err(Fetch::NotFound),
+                5 => return Err(Fetch::Error(arg)),
+                6 if peer.is_none() => {
+                    if options {
+                        blksize = 1428;
+                    }
+                    last = vec![0, 4, 0, 0];
+                }
+                3 if arg == expected => {
+                    data.extend_from_slice(&buf[4..n]);
+                    last = vec![0, 4, buf[2], buf[3]];
+                    expected = expected.wrapping_add(1);
+                }
+                // A duplicate of something we have: our ACK was lost; the timer resends it.
+                _ => continue,
+            }
+            peer = Some(from);
+            sock.send_to(&last, from).await.map_err(|_| Fetch::Io)?;
+            if op == 3 && n - 4 < blksize {
+                return Ok(data);
+            }
+            sends = 1;
+            deadline = tokio::time::Instant::now() + RESEND;
+        }
+    }
+}

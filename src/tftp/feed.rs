@@ -1,0 +1,246 @@
+//! Where a transfer's blocks come from, cut to exactly `blksize` bytes (the final block shorter,
+//! and empty when the size is a multiple of blksize, RFC 1350 §6).
+//!
+//! A file on disk (a cache hit, an override) is read with `pread` at the transfer's offset, one
+//! block at a time, by the event loop itself: the bytes come from the page cache, so a
+//! transfer holds no buffer beyond its window and needs no task. A miss streaming through from
+//! an upstream is read by a task on the runtime into a channel of two chunks; the loop is woken
+//! per chunk. Either way a source that ends early is an error, never a short final block: a
+//! truncated file must never look complete.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::pin::Pin;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::mpsc;
+
+use super::netascii;
+use super::packet::Mode;
+
+/// Bytes a source hands the server.
+pub enum Body {
+    /// A complete file of known size; `keep` lives as long as the transfer (the cache's
+    /// in-use mark, so the file is not evicted under it).
+    File { file: File, keep: Box<dyn Send> },
+    /// Bytes arriving from elsewhere (a miss streaming through); must fail with an error rather
+    /// than end early if its source was truncated.
+    Stream(Pin<Box<dyn AsyncRead + Send>>),
+}
+
+/// What the reader task hands the transfer: chunks, then an explicit end (a closed channel
+/// without `End` means the reader died, which must never look like a complete file).
+pub(crate) enum Chunk {
+    Data(Bytes),
+    End,
+    Failed(io::Error),
+}
+
+enum Raw {
+    File {
+        file: File,
+        offset: u64,
+        size: u64,
+        _keep: Box<dyn Send>,
+    },
+    Stream(mpsc::Receiver<Chunk>),
+}
+
+/// The blocks of one transfer.
+pub(crate) struct Feed {
+    raw: Raw,
+    mode: Mode,
+    blksize: usize,
+    pending: BytesMut,
+    ended: bool,
+    final_given: bool,
+}
+
+impl Feed {
+    /// A file of `size` bytes read with `pread`; bytes past `size` are never sent.
+    pub fn file(file: File, size: u64, keep: Box<dyn Send>, mode: Mode, blksize: u16) -> Feed {
+        Feed::new(
+            Raw::File {
+                file,
+                offset: 0,
+                size,
+                _keep: keep,
+            },
+            mode,
+            blksize,
+        )
+    }
+
+    /// A stream read by a task into a channel; `rx` is that channel's end.
+    pub fn stream(rx: mpsc::Receiver<Chunk>, mode: Mode, blksize: u16) -> Feed {
+        Feed::new(Raw::Stream(rx), mode, blksize)
+    }
+
+    fn new(raw: Raw, mode: Mode, blksize: u16) -> Feed {
+        Feed {
+            raw,
+            mode,
+            blksize: blksize as usize,
+            pending: BytesMut::new(),
+            ended: false,
+            final_given: false,
+        }
+    }
+
+    /// The next block, or `Ok(None)` when a stream has nothing yet (the loop is woken when it
+    /// has).
+    pub fn try_next(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            if self.pending.len() >= self.blksize {
+                return Ok(Some(self.pending.split_to(self.blksize).freeze()));
+            }
+            if self.ended {
+                if self.final_given {
+                    return Err(io::Error::other("read past the end"));
+                }
+                self.final_given = true;
+                return Ok(Some(self.pending.split().freeze()));
+            }
+            if !self.fill()? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Adds bytes to `pending` or marks the end; `false` when a stream must be waited for.
+    fn fill(&mut self) -> io::Result<bool> {
+        match &mut self.raw {
+            Raw::File {
+                file, offset, size, ..
+            } => {
+                let want = (*size - *offset).min(self.blksize as u64) as usize;
+                if want == 0 {
+                    self.ended = true;
+                    return Ok(true);
+                }
+                let mut buf = vec![0u8; want];
+                let n = file.read_at(&mut buf, *offset)?;
+                if n == 0 {
+                    return Err(io::Error::other("file shorter than its size"));
+                }
+                buf.truncate(n);
+                *offset += n as u64;
+                push(&mut self.pending, self.mode, &buf);
+                Ok(true)
+            }
+            Raw::Stream(rx) => match rx.try_recv() {
+                Ok(Chunk::Data(d)) => {
+                    push(&mut self.pending, self.mode, &d);
+                    Ok(true)
+                }
+                Ok(Chunk::End) => {
+                    self.ended = true;
+                    Ok(true)
+                }
+                Ok(Chunk::Failed(e)) => Err(e),
+                Err(mpsc::error::TryRecvError::Empty) => Ok(false),
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    Err(io::Error::other("content source ended unexpectedly"))
+                }
+            },
+        }
+    }
+}
+
+fn push(pending: &mut BytesMut, mode: Mode, raw: &[u8]) {
+    match mode {
+        Mode::Octet => pending.extend_from_slice(raw),
+        Mode::Netascii => {
+            let mut ascii = Vec::with_capacity(raw.len() + raw.len() / 16);
+            netascii::encode(raw, &mut ascii);
+            pending.extend_from_slice(&ascii);
+        }
+    }
+}
+
+/// Reads a stream ahead of its transfer in chunks of `chunk_size`, calling `wake` after each
+/// so the event loop picks it up. Ends with [`Chunk::End`] or [`Chunk::Failed`].
+pub(crate) async fn read_ahead(
+    mut reader: Pin<Box<dyn AsyncRead + Send>>,
+    chunk_size: usize,
+    tx: mpsc::Sender<Chunk>,
+    wake: impl Fn(),
+) {
+    loop {
+        let mut buf = BytesMut::with_capacity(chunk_size);
+        match reader.read_buf(&mut buf).await {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                let _ = tx.send(Chunk::Failed(e)).await;
+                wake();
+                return;
+            }
+        }
+        if tx.send(Chunk::Data(buf.freeze())).await.is_err() {
+            return;
+        }
+        wake();
+    }
+    if tx.send(Chunk::End).await.is_ok() {
+        wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blocks(feed: &mut Feed) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        loop {
+            let b = feed.try_next().unwrap().unwrap();
+            let last = b.len() < feed.blksize;
+            out.push(b);
+            if last {
+                return out;
+            }
+        }
+    }
+
+    #[test]
+    fn a_file_is_cut_into_blocks_with_an_empty_final_one_on_a_boundary() {
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, &[7u8; 1024]).unwrap();
+        let mut feed = Feed::file(f, 1024, Box::new(()), Mode::Octet, 512);
+        let b = blocks(&mut feed);
+        assert_eq!(b.iter().map(|b| b.len()).collect::<Vec<_>>(), [512, 512, 0]);
+    }
+
+    #[test]
+    fn a_file_shorter_than_its_size_is_an_error_not_a_final_block() {
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, &[7u8; 600]).unwrap();
+        let mut feed = Feed::file(f, 2000, Box::new(()), Mode::Octet, 512);
+        assert_eq!(feed.try_next().unwrap().unwrap().len(), 512);
+        assert!(feed.try_next().is_err());
+    }
+
+    #[test]
+    fn netascii_blocks_are_cut_after_translation() {
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, b"a\nb\n").unwrap();
+        let mut feed = Feed::file(f, 4, Box::new(()), Mode::Netascii, 8);
+        let b = blocks(&mut feed);
+        assert_eq!(&b[0][..], b"a\r\nb\r\n");
+    }
+
+    #[test]
+    fn a_stream_that_dies_without_its_end_marker_is_an_error() {
+        let (tx, rx) = mpsc::channel(2);
+        let mut feed = Feed::stream(rx, Mode::Octet, 4);
+        assert!(feed.try_next().unwrap().is_none(), "nothing yet: wait");
+        tx.try_send(Chunk::Data(Bytes::from_static(b"abcdef")))
+            .unwrap();
+        assert_eq!(&feed.try_next().unwrap().unwrap()[..], b"abcd");
+        drop(tx);
+        assert!(feed.try_next().is_err());
+    }
+}
