@@ -397,10 +397,7 @@ async fn sync_loads_stages_planned_loads_now_whatever_the_window() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("1 of 1 planned loads ready"), "{text}");
-    assert!(
-        text.contains(&format!("{PLANNED}")) && text.contains("2/2"),
-        "{text}"
-    );
+    assert!(text.contains(PLANNED) && text.contains("2/2"), "{text}");
     for name in &images {
         assert_eq!(origin.gets(name), 1, "{name}");
     }
