@@ -355,3 +355,52 @@ async fn status_json_and_metrics_show_a_planned_load_ready() {
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.contains(PLANNED) && table.contains("2/2"), "{table}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_loads_stages_planned_loads_now_whatever_the_window() {
+    let origin = HttpOrigin::start();
+    let images = publish_planned_load(&origin, PLANNED, &[10_000, 20_000]);
+    let dir = tempfile::tempdir().unwrap();
+    // A firmware window that is closed now (the child runs in UTC): six hours from now.
+    let hour = (jiff::Timestamp::now().as_second() / 3600 + 6) % 24;
+    let config = dir.path().join("branchtftp.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "cache:\n  dir: {}\n  overrides: {}\nupstreams:\n  - url: {}\nsync:\n  windows:\n    firmware: [\"{hour:02}:00-{:02}:00\"]\n  loads: [{PLANNED}]\n",
+            dir.path().join("cache").display(),
+            dir.path().join("overrides").display(),
+            origin.url(),
+            (hour + 1) % 24
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_branchtftp"))
+            .args(args)
+            .arg("-c")
+            .arg(&config)
+            .env("TZ", "UTC")
+            .output()
+            .unwrap()
+    };
+    // `sync --once` keeps to the window: the firmware waits.
+    let once = run(&["sync", "--once"]);
+    let text = String::from_utf8_lossy(&once.stdout);
+    assert!(
+        text.contains("outside their sync.windows, not synced: firmware"),
+        "{text}"
+    );
+    assert_eq!(origin.gets(&images[0]), 0);
+    // `sync --loads` does not.
+    let out = run(&["sync", "--loads"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("1 of 1 planned loads ready"), "{text}");
+    assert!(text.contains(PLANNED) && text.contains("2/2"), "{text}");
+    for name in &images {
+        assert_eq!(origin.gets(name), 1, "{name}");
+    }
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(progress.contains(&images[1]), "no progress: {progress}");
+}

@@ -207,7 +207,12 @@ pub fn render_table(loads: &[LoadReadiness]) -> String {
             "{:<36} {:<11} {:>7} {:>21} {:<8} {}",
             l.name,
             by,
-            format!("{}/{}", l.images_present, l.images),
+            // A load whose `.loads` file is not cached yet lists nothing we know of.
+            if l.images == 0 && !l.ready {
+                "?".to_string()
+            } else {
+                format!("{}/{}", l.images_present, l.images)
+            },
             format!("{}/{}", human_size(l.bytes_present), total),
             yes(l.verified),
             yes(l.ready)

@@ -390,7 +390,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.0, 1);
         assert!(e.1.contains("overlaps `22:00-06:00`"), "{}", e.1);
-        // Touching windows do not overlap.
+        // 12:00-24:00 overlaps 22:00-06:00 before midnight; windows that only touch do not.
         assert!(class_windows(&ClassWindows::Windows(vec![
             at("22:00-06:00"),
             at("06:00-07:00"),
