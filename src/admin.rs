@@ -185,6 +185,10 @@ async fn metrics(State(st): State<AdminState>) -> Response {
         let loads: Vec<(String, bool)> = s.loads().into_iter().map(|l| (l.name, l.ready)).collect();
         m.set_loads_ready(&loads);
     }
+    // Current at every scrape, not as of the phones task's last tick.
+    if let Some(p) = &st.phones {
+        m.phones_update(&p.summary(), &[]);
+    }
     (
         [(
             header::CONTENT_TYPE,
