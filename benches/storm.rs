@@ -165,12 +165,15 @@ fn run(rt: &tokio::runtime::Runtime, server: &Server, n: usize) -> Row {
     for b in &boots {
         if let Some(f) = &b.failure {
             // "NAME: Reason": keep the reason only.
-            let why = f.split_once(": ").map_or(f.as_str(), |(_, w)| w).to_string();
+            let why = f
+                .split_once(": ")
+                .map_or(f.as_str(), |(_, w)| w)
+                .to_string();
             *failures.entry(why).or_insert(0) += 1;
         }
     }
     let mut failures: Vec<_> = failures.into_iter().collect();
-    failures.sort_by(|a, b| b.1.cmp(&a.1));
+    failures.sort_by_key(|f| std::cmp::Reverse(f.1));
     Row {
         failures,
         booted,
