@@ -125,6 +125,8 @@ struct Row {
     rss_mb: f64,
     threads: u64,
     resent: u32,
+    /// Why phones gave up, most common first (e.g. "ERROR 0", "gave up").
+    failures: Vec<(String, usize)>,
 }
 
 fn run(rt: &tokio::runtime::Runtime, server: &Server, n: usize) -> Row {
@@ -159,7 +161,21 @@ fn run(rt: &tokio::runtime::Runtime, server: &Server, n: usize) -> Row {
             .unwrap_or(f64::NAN)
     };
     let booted = times.len();
+    let mut failures = std::collections::BTreeMap::new();
+    for b in &boots {
+        if let Some(f) = &b.failure {
+            // "NAME: Reason": keep the reason only.
+            let why = f
+                .split_once(": ")
+                .map_or(f.as_str(), |(_, w)| w)
+                .to_string();
+            *failures.entry(why).or_insert(0) += 1;
+        }
+    }
+    let mut failures: Vec<_> = failures.into_iter().collect();
+    failures.sort_by_key(|f| std::cmp::Reverse(f.1));
     Row {
+        failures,
         booted,
         gave_up: n - booted,
         p50: pct(0.5),
@@ -214,6 +230,9 @@ fn main() {
                     r.threads.to_string()
                 }
             );
+            if !r.failures.is_empty() {
+                eprintln!("{n} phones, {name}: gave up because {:?}", r.failures);
+            }
             rows.push(r);
             drop(server);
             std::thread::sleep(Duration::from_secs(1));

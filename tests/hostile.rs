@@ -222,7 +222,8 @@ async fn refusals_are_short_fixed_texts_never_an_echo() {
         let p = &got[0].0;
         assert_eq!(u16::from_be_bytes([p[2], p[3]]), code, "{text}");
         assert_eq!(&p[4..], format!("{text}\0").as_bytes());
-        assert!(p.len() < req.len(), "{text}: no amplification");
+        // Short whatever was asked: a long request never draws a long answer.
+        assert!(p.len() <= 32, "{text}: {} bytes", p.len());
     }
     // Stray DATA/ACK/ERROR on the request port, and runts: silence, not a reflected ERROR.
     for stray in [

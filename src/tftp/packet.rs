@@ -540,6 +540,30 @@ mod tests {
     }
 
     #[test]
+    fn option_floods_are_refused_after_the_cap_and_duplicates_found_in_linear_time() {
+        let mut raw = b"\x00\x01f\x00octet\x00".to_vec();
+        for i in 0..=MAX_OPTIONS {
+            raw.extend_from_slice(format!("o{i}\x00v\x00").as_bytes());
+        }
+        assert_eq!(
+            Packet::decode(&raw).unwrap_err(),
+            DecodeError::TooManyOptions
+        );
+        let e = Packet::decode(b"\x00\x01f\x00octet\x00tsize\x000\x00TSIZE\x000\x00").unwrap_err();
+        assert_eq!(e, DecodeError::DuplicateOption("tsize".into()));
+        // The reply is fixed: nothing of the request is echoed.
+        assert_eq!(e.reply().text, "bad option");
+        assert_eq!(DecodeError::Unterminated.reply().text, "malformed request");
+    }
+
+    #[test]
+    fn modes_are_case_insensitive_and_mail_is_refused() {
+        assert_eq!(Mode::from_wire("NetASCII"), Some(Mode::Netascii));
+        assert_eq!(Mode::from_wire("OCTET"), Some(Mode::Octet));
+        assert_eq!(Mode::from_wire("mail"), None);
+    }
+
+    #[test]
     fn error_packet_encoding() {
         let p = Packet::error(ErrorCode::FileNotFound, "File not found");
         assert_eq!(&p.encode()[..], b"\x00\x05\x00\x01File not found\x00");
@@ -609,6 +633,28 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(raw in proptest::collection::vec(any::<u8>(), 0..600)) {
             let _ = Packet::decode(&raw);
+        }
+
+        /// Any datagram up to the largest UDP payload decodes (or fails) quickly: the work is
+        /// linear in its length and the option count is capped. The bytes come from a cheap
+        /// generator (seeded by proptest), mostly short NUL-separated fields.
+        #[test]
+        fn arbitrary_datagrams_decode_in_bounded_time(
+            op in 1u16..7,
+            seed in any::<u64>(),
+            len in 0usize..65_000,
+        ) {
+            let mut x = seed | 1;
+            let mut raw = op.to_be_bytes().to_vec();
+            raw.extend((0..len).map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if x % 4 == 0 { 0 } else { b'a' + (x % 26) as u8 }
+            }));
+            let t = std::time::Instant::now();
+            let _ = Packet::decode(&raw);
+            prop_assert!(t.elapsed() < std::time::Duration::from_millis(50));
         }
 
         #[test]
