@@ -8,159 +8,18 @@
 mod support;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use branchtftp::config::UpstreamConfig;
-use branchtftp::tftp::client::{ClientError, ClientOptions, Download};
 use branchtftp::upstream::resolve::{Lookup, Resolver};
 use branchtftp::upstream::{ChainAnswer, UpstreamChain};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use support::*;
-
-/// A branch: `serve` with a cache imported beforehand (as from a USB stick), the given
-/// upstreams YAML, the admin endpoint on a free port, and no background sync extras.
-struct Branch {
-    bt: Branchtftp,
-    admin: SocketAddr,
-    config: PathBuf,
-    /// How long `serve` took until it answered TFTP.
-    started_in: Duration,
-    _dir: tempfile::TempDir,
-    _root: tempfile::TempDir,
-}
-
-impl Branch {
-    fn start(upstreams: &str, cached: &TestFiles) -> Branch {
-        let dir = tempfile::Builder::new()
-            .prefix("branchtftp-baddays-")
-            .tempdir()
-            .unwrap();
-        let root = tempfile::tempdir().unwrap();
-        let admin = localhost(free_tcp_port());
-        let yaml = format!(
-            "log: info\ncache:\n  dir: {}\nhttp:\n  listen: []\nadmin:\n  listen: \"{admin}\"\n\
-             access:\n  max_per_client: 64\n\
-             sync:\n  prefetch: []\n  discover: false\n  config_list: false\n{upstreams}",
-            dir.path().join("cache").display()
-        );
-        let config = dir.path().join("branchtftp.yaml");
-        std::fs::write(&config, &yaml).unwrap();
-        let import = Command::new(branchtftp_bin())
-            .args(["cache", "import"])
-            .arg(cached.path())
-            .arg("-c")
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap();
-        assert!(import.status.success(), "cache import: {import:?}");
-        let t = Instant::now();
-        let bt = Branchtftp::serve_with(
-            root.path(),
-            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-            Some(&yaml),
-            &[],
-        );
-        Branch {
-            started_in: t.elapsed(),
-            bt,
-            admin,
-            config,
-            _dir: dir,
-            _root: root,
-        }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.bt.addr
-    }
-
-    async fn metrics(&self) -> String {
-        admin_get(self.admin, "/metrics").await
-    }
-}
-
-/// What a phone got for one name: the bytes, or the TFTP error code, and how long it took.
-struct PhoneGet {
-    result: Result<Vec<u8>, u16>,
-    took: Duration,
-}
-
-/// A phone-like lock-step download (tsize asked, RRQ resent after 1 s as phones do).
-async fn phone_get(addr: SocketAddr, name: &str) -> PhoneGet {
-    let opts = ClientOptions {
-        timeout: Duration::from_secs(1),
-        retries: 5,
-        ..ClientOptions::default()
-    };
-    let t = Instant::now();
-    let result = match Download::start(addr, name, &opts).await {
-        Ok(mut dl) => dl
-            .read_to_end()
-            .await
-            .map_err(|e| panic!("{name}: transfer broke: {e}")),
-        Err(ClientError::NotFound(_)) => Err(1),
-        Err(ClientError::Server { code, .. }) => Err(code),
-        Err(e) => panic!("{name}: no answer: {e}"),
-    };
-    PhoneGet {
-        result,
-        took: t.elapsed(),
-    }
-}
-
-fn mac(i: usize, salt: u8) -> String {
-    format!("00112233{salt:02X}{i:02X}")
-}
-
-/// The cached part of a boot: each phone's config, a locale file and a firmware image.
-fn boot_files(phones: usize) -> TestFiles {
-    let mut f = TestFiles::new();
-    for i in 0..phones {
-        f.add(&format!("SEP{}.cnf.xml", mac(i, 0)), 4_000);
-    }
-    f.add("English_United_States/mk-sip.jar", 150_000);
-    f.add("apps42.9-4-2ES26.sbn", 300_000);
-    f
-}
-
-/// One phone's boot: its CTL file (never on any server, so always a miss), then its cached
-/// config, locale and image with curl, each checked byte for byte. Returns the CTL answer.
-async fn boot(addr: SocketAddr, files: &TestFiles, i: usize, ctl_salt: u8, out: &Path) -> u16 {
-    let ctl = phone_get(addr, &format!("CTLSEP{}.tlv", mac(i, ctl_salt))).await;
-    let code = ctl.result.expect_err("no CTL file anywhere");
-    for name in [
-        format!("SEP{}.cnf.xml", mac(i, 0)),
-        "English_United_States/mk-sip.jar".to_string(),
-        "apps42.9-4-2ES26.sbn".to_string(),
-    ] {
-        let dest = out.join(format!("{ctl_salt}-{i}-{}", name.replace('/', "_")));
-        curl_tftp_get(addr, &name, &dest, Some(1428))
-            .await
-            .assert_intact(files.sha256(&name));
-    }
-    code
-}
-
-/// `phones` boots at once; the time until the last one finished, and the CTL answers.
-async fn storm(
-    addr: SocketAddr,
-    files: &TestFiles,
-    phones: usize,
-    ctl_salt: u8,
-) -> (Duration, Vec<u16>) {
-    let out = scratch_dir();
-    let t = Instant::now();
-    let codes =
-        futures::future::join_all((0..phones).map(|i| boot(addr, files, i, ctl_salt, out.path())))
-            .await;
-    (t.elapsed(), codes)
-}
 
 // --- DNS that does not answer -----------------------------------------------------------------
 
@@ -298,19 +157,6 @@ async fn twenty_boots_through_a_swallowing_udp_wan_cost_one_timeout_more() {
 
 // --- recovery and flapping --------------------------------------------------------------------
 
-/// Asks for `name` until it is served (a miss while the upstream is down gets ERROR 0 at
-/// once); the time it took.
-async fn until_served(addr: SocketAddr, name: &str, limit: Duration) -> Duration {
-    let t = Instant::now();
-    loop {
-        if phone_get(addr, name).await.result.is_ok() {
-            return t.elapsed();
-        }
-        assert!(t.elapsed() < limit, "{name} not served within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_wan_that_recovers_is_used_again_within_probe_interval_plus_two_seconds() {
     let origin = HttpOrigin::start();
@@ -432,6 +278,63 @@ async fn an_origin_flapping_five_times_never_stops_the_cache_and_every_transitio
     assert!(
         status["upstreams"][0]["last_transition"].is_u64(),
         "{status}"
+    );
+}
+
+// --- the sync worker waits for the central server ---------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_pass_waits_while_the_central_server_is_down_and_runs_when_it_answers() {
+    let origin = HttpOrigin::start();
+    origin.put_file("g3-tones.xml", vec![5u8; 1500]);
+    origin.refuse();
+    let branch = Branch::start(
+        &format!(
+            "upstreams:\n  - url: {}\n    timeout: 1s\n    probe_interval: 1s\n\
+             sync:\n  prefetch: [g3-tones.xml]\n  discover: false\n  config_list: false\n\
+             \x20 intervals: {{config: 1s, defaults: 1s, locale: 1s, firmware: 1s, other: 1s}}\n",
+            origin.url()
+        ),
+        &boot_files(1),
+    );
+    // Every class falls due each second, but no pass runs while the central server is down.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let m = branch.metrics().await;
+    let passes = metric_value(&m, "branchtftp_sync_passes_total", &[]);
+    assert!(
+        passes <= 1,
+        "only the pass at start, before the central was known down:\n{m}"
+    );
+
+    origin.restore();
+    let t = Instant::now();
+    loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&admin_get(branch.admin, "/status").await).unwrap();
+        if status["sync"]["last_result"] == "ok" {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "probe_interval 1s + 2s: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "deferred sync pass ran {:?} after the central server came back",
+        t.elapsed()
+    );
+    assert_eq!(
+        origin.gets("g3-tones.xml"),
+        1,
+        "the pass fetched the prefetch name"
+    );
+    let tones = phone_get(branch.addr(), "g3-tones.xml").await;
+    assert_eq!(tones.result.unwrap(), vec![5u8; 1500]);
+    assert_eq!(
+        origin.gets("g3-tones.xml"),
+        1,
+        "and the phone got it from the cache"
     );
 }
 

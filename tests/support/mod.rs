@@ -10,12 +10,14 @@
 #![allow(dead_code, unused_imports)]
 
 mod admin;
+mod branch;
 mod clients;
 mod files;
 mod origin;
 mod servers;
 
 pub use admin::*;
+pub use branch::*;
 pub use branchtftp::wan::*;
 pub use clients::*;
 pub use files::*;
