@@ -808,3 +808,79 @@ async fn tftp_upstream_with_windowsize_atftpd_works() {
     );
     eprintln!("atftpd upstream: {up} packets up, {down} down");
 }
+
+// --- limits on what an upstream can make us hold ---------------------------------------------
+
+/// The fetcher in process over a cache of `max_size` bytes and one HTTP origin.
+fn fetcher_over(
+    origin: &HttpOrigin,
+    max_size: u64,
+) -> (
+    tempfile::TempDir,
+    std::sync::Arc<branchtftp::upstream::flight::Fetcher>,
+) {
+    use branchtftp::cache::{Cache, ClassRules};
+    use branchtftp::config::UpstreamConfig;
+    use branchtftp::upstream::UpstreamChain;
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _) = Cache::open(dir.path(), max_size, ClassRules::default()).unwrap();
+    let chain = UpstreamChain::new(&[UpstreamConfig::new(origin.url())]).unwrap();
+    let fetcher = branchtftp::upstream::flight::Fetcher::new(cache, chain, Duration::from_secs(30));
+    (dir, fetcher)
+}
+
+/// Reads what a phone would get for `name`: the bytes, or the error.
+async fn open_and_read(
+    fetcher: &std::sync::Arc<branchtftp::upstream::flight::Fetcher>,
+    name: &str,
+) -> Result<Vec<u8>, String> {
+    use branchtftp::upstream::flight::Served;
+    use tokio::io::AsyncReadExt;
+    let name = branchtftp::name::FileName::parse(name).unwrap();
+    match fetcher.open(&name).await.map_err(|e| e.to_string())? {
+        Served::Hit(_) => Err("unexpected hit".into()),
+        Served::Miss(mut m) => {
+            let mut out = Vec::new();
+            m.reader
+                .read_to_end(&mut out)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(out)
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_file_over_a_quarter_of_the_cache_is_refused_and_never_cached() {
+    let origin = HttpOrigin::start();
+    origin.put_file("huge.sbn", vec![1u8; 300_000]);
+    origin.put_file("fits.sbn", vec![2u8; 200_000]);
+    let (_dir, fetcher) = fetcher_over(&origin, 1_000_000);
+    assert_eq!(fetcher.max_file(), 250_000);
+    let err = open_and_read(&fetcher, "huge.sbn").await.unwrap_err();
+    assert!(err.contains("limit"), "{err}");
+    assert!(fetcher.cache().get("huge.sbn").is_none(), "never published");
+    assert_eq!(
+        open_and_read(&fetcher, "fits.sbn").await.unwrap(),
+        vec![2u8; 200_000]
+    );
+    assert!(fetcher.cache().get("fits.sbn").is_some());
+}
+
+#[tokio::test]
+async fn a_case_variant_not_found_does_not_blank_out_the_real_file() {
+    // The origin is case-sensitive, as a Linux TFTP server is: only `kern.sbn` exists.
+    let origin = HttpOrigin::start();
+    origin.put_file("kern.sbn", vec![3u8; 5_000]);
+    let (_dir, fetcher) = fetcher_over(&origin, 1 << 30);
+    for variant in ["KERN.sbn", "Kern.SBN"] {
+        let err = open_and_read(&fetcher, variant).await.unwrap_err();
+        assert_eq!(err, "file not found", "{variant}");
+    }
+    // Within the negative TTL of the variants, the real spelling is still asked and served.
+    assert_eq!(
+        open_and_read(&fetcher, "kern.sbn").await.unwrap(),
+        vec![3u8; 5_000]
+    );
+    assert_eq!(origin.gets("kern.sbn"), 1);
+}

@@ -12,6 +12,7 @@
 pub mod flight;
 pub mod health;
 mod http;
+pub mod negative;
 pub mod resolve;
 mod tftp;
 
