@@ -69,11 +69,8 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let (cache, _) = Cache::open(dir.path(), 1 << 34, ClassRules::default()).unwrap();
     let report = rt.block_on(async {
-        let chain = UpstreamChain::new(&[UpstreamConfig {
-            url: format!("http://{}", wan.addr()),
-            timeout: Duration::from_secs(10),
-        }])
-        .unwrap();
+        let chain =
+            UpstreamChain::new(&[UpstreamConfig::new(format!("http://{}", wan.addr()))]).unwrap();
         let fetcher = Fetcher::new(cache.clone(), chain, Duration::from_secs(30));
         let syncer = Syncer::new(
             fetcher,

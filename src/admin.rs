@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::front::Gate;
 use crate::upstream::flight::Fetcher;
-use crate::upstream::UpstreamState;
+use crate::upstream::{UpstreamState, UpstreamStatus};
 
 /// What the sync worker exposes to the admin endpoint.
 pub trait SyncControl: Send + Sync {
@@ -47,14 +47,6 @@ pub struct CacheStatus {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct UpstreamStatusJson {
-    pub url: String,
-    pub state: String,
-    pub last_ok: Option<u64>,
-    pub last_error: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Transfers {
     pub active: u64,
 }
@@ -65,7 +57,7 @@ pub struct Status {
     pub version: String,
     pub uptime_s: u64,
     pub cache: CacheStatus,
-    pub upstreams: Vec<UpstreamStatusJson>,
+    pub upstreams: Vec<UpstreamStatus>,
     pub sync: SyncStatus,
     pub transfers: Transfers,
     /// Absent from an appliance that keeps no phones view.
@@ -93,25 +85,7 @@ impl AdminState {
         let (cache, upstreams) = match &self.fetcher {
             Some(f) => {
                 let (files, bytes) = f.cache().totals();
-                let ups = f
-                    .chain()
-                    .upstreams()
-                    .iter()
-                    .map(|u| {
-                        let s = u.status();
-                        UpstreamStatusJson {
-                            url: s.url,
-                            state: match s.state {
-                                UpstreamState::Up => "up",
-                                UpstreamState::Down => "down",
-                                UpstreamState::Unknown => "unknown",
-                            }
-                            .to_string(),
-                            last_ok: s.last_ok,
-                            last_error: s.last_error,
-                        }
-                    })
-                    .collect();
+                let ups = f.chain().upstreams().iter().map(|u| u.status()).collect();
                 (
                     CacheStatus {
                         files,
@@ -285,7 +259,8 @@ pub async fn status_command(admin: &str, json: bool) -> i32 {
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
     }
-    let none_up = !st.upstreams.is_empty() && st.upstreams.iter().all(|u| u.state == "down");
+    let none_up =
+        !st.upstreams.is_empty() && st.upstreams.iter().all(|u| u.state == UpstreamState::Down);
     if none_up {
         3
     } else {
@@ -338,16 +313,18 @@ pub fn render_status(st: &Status) -> String {
     );
     let _ = writeln!(
         o,
-        "\n{:<40} {:<8} {:<14} LAST ERROR",
-        "UPSTREAM", "STATE", "LAST OK"
+        "\n{:<40} {:<8} {:<14} {:<14} {:<14} LAST ERROR",
+        "UPSTREAM", "STATE", "SINCE", "LAST OK", "NEXT PROBE"
     );
     for u in &st.upstreams {
         let _ = writeln!(
             o,
-            "{:<40} {:<8} {:<14} {}",
+            "{:<40} {:<8} {:<14} {:<14} {:<14} {}",
             u.url,
-            u.state,
+            u.state.as_str(),
+            ago(now, u.last_transition),
             ago(now, u.last_ok),
+            u.next_probe.map_or("-".to_string(), |t| ago(now, Some(t))),
             u.last_error.as_deref().unwrap_or("-")
         );
     }

@@ -186,12 +186,22 @@ impl Default for CacheConfig {
 pub struct UpstreamConfig {
     /// `http://HOST:PORT` or `tftp://HOST[:PORT]`.
     pub url: String,
+    /// How long one request may wait for the upstream's first answer; a request that waits
+    /// longer marks the upstream down.
     #[serde(default = "default_upstream_timeout", with = "duration_serde")]
     pub timeout: Duration,
+    /// While the upstream is down, one probe this often (growing slowly to at most 60s while
+    /// probes keep failing); the first success marks it up.
+    #[serde(default = "default_probe_interval", with = "duration_serde")]
+    pub probe_interval: Duration,
 }
 
 fn default_upstream_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+fn default_probe_interval() -> Duration {
+    Duration::from_secs(5)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -673,6 +683,15 @@ impl std::fmt::Display for UpstreamUrl {
 }
 
 impl UpstreamConfig {
+    /// An upstream with the default timeout and probe interval.
+    pub fn new(url: impl Into<String>) -> UpstreamConfig {
+        UpstreamConfig {
+            url: url.into(),
+            timeout: default_upstream_timeout(),
+            probe_interval: default_probe_interval(),
+        }
+    }
+
     /// The parsed URL; `Config::load` has already refused a URL that does not parse.
     pub fn parsed_url(&self) -> Result<UpstreamUrl, String> {
         UpstreamUrl::parse(&self.url)
@@ -1151,10 +1170,7 @@ access:
         let mut cfg = Config::default();
         cfg.sync.max_rate = 4_000_000;
         cfg.tftp.timeout = Duration::from_millis(1500);
-        cfg.upstreams.push(UpstreamConfig {
-            url: "http://cucm:6970".into(),
-            timeout: Duration::from_secs(10),
-        });
+        cfg.upstreams.push(UpstreamConfig::new("http://cucm:6970"));
         let yaml = cfg.effective_yaml();
         for needle in [
             "max_size: 20GiB",
@@ -1253,7 +1269,7 @@ access:
         );
         assert_eq!(
             error_of("upstreams:\n  - url: http://a:6970\n  - url: tftp://b\n    tmeout: 1s\n"),
-            "branchtftp.yaml:4:5: upstreams[1].tmeout: unknown field `tmeout`, expected `url` or `timeout`"
+            "branchtftp.yaml:4:5: upstreams[1].tmeout: unknown field `tmeout`, expected one of `url`, `timeout`, `probe_interval`"
         );
         assert!(error_of("bogus: 1\n").starts_with("branchtftp.yaml:1:1: bogus: unknown field"));
     }

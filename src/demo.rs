@@ -368,10 +368,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || Cache::open(&d, 1 << 30, ClassRules::default()))
             .await??
     };
-    let chain = UpstreamChain::new(&[UpstreamConfig {
-        url: format!("http://{wan_addr}"),
-        timeout: Duration::from_secs(10),
-    }])?;
+    let chain = UpstreamChain::new(&[UpstreamConfig::new(format!("http://{wan_addr}"))])?;
     let fetcher = Fetcher::new(cache, chain, Duration::from_secs(30));
     let branch = Arc::new(Resolver {
         overrides: None,

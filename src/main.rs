@@ -250,10 +250,7 @@ fn main() -> ExitCode {
                 if !upstream.is_empty() {
                     cfg.upstreams = upstream
                         .iter()
-                        .map(|url| branchtftp::config::UpstreamConfig {
-                            url: url.clone(),
-                            timeout: Duration::from_secs(10),
-                        })
+                        .map(branchtftp::config::UpstreamConfig::new)
                         .collect();
                 }
                 if let Some(dir) = &cache_dir {

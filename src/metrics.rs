@@ -37,6 +37,13 @@ pub struct UpstreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    pub upstream: String,
+    /// up, down
+    pub to: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -76,6 +83,8 @@ pub struct Metrics {
     pub phone_boot_seconds: Histogram,
     pub phone_observations_dropped: Counter,
     pub load_ready: Family<LoadLabels, Gauge>,
+    pub upstream_up: Family<UpstreamLabels, Gauge>,
+    pub upstream_transitions: Family<TransitionLabels, Counter>,
     active_tftp: ActiveGauge,
     active_http: ActiveGauge,
     registry: Registry,
@@ -166,6 +175,18 @@ impl Metrics {
             "1 when every image of a firmware load is cached, 0 while some are missing",
             load_ready.clone(),
         );
+        let upstream_up = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "upstream_up",
+            "1 while an upstream is asked (up, or not asked yet); 0 while it is down and probed",
+            upstream_up.clone(),
+        );
+        let upstream_transitions = Family::<TransitionLabels, Counter>::default();
+        registry.register(
+            "upstream_transitions",
+            "Changes of an upstream's health, by the state entered (up, down)",
+            upstream_transitions.clone(),
+        );
         // Families appear in the exposition once they have a sample; give the fixed ones zero.
         for p in ["tftp", "http"] {
             let _ = transfers_active.get_or_create(&ProtocolLabels { protocol: p });
@@ -195,6 +216,8 @@ impl Metrics {
             phone_boot_seconds,
             phone_observations_dropped,
             load_ready,
+            upstream_up,
+            upstream_transitions,
             registry,
         }
     }
@@ -226,6 +249,26 @@ impl Metrics {
                 upstream: upstream.to_string(),
             })
             .inc_by(bytes);
+    }
+
+    pub fn upstream_up(&self, upstream: &str, up: bool) {
+        self.upstream_up
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .set(up as i64);
+    }
+
+    /// An upstream changed between up and down: the gauge follows, the counter counts.
+    pub fn upstream_transition(&self, upstream: &str, to: crate::upstream::UpstreamState) {
+        let up = to != crate::upstream::UpstreamState::Down;
+        self.upstream_up(upstream, up);
+        self.upstream_transitions
+            .get_or_create(&TransitionLabels {
+                upstream: upstream.to_string(),
+                to: to.as_str(),
+            })
+            .inc();
     }
 
     pub fn sync_pass(&self, result: &str) {

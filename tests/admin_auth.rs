@@ -53,7 +53,7 @@ fn state_changes_from_a_non_loopback_peer_need_the_admin_token() {
         token_file: Some(token_file(secrets.path(), 0o600)),
         ..Options::default()
     };
-    let b = Branch::start(&opts);
+    let b = AdminBranch::start(&opts);
     let far = format!("http://{}:{}", global_ipv4(), b.admin.port());
     let near = format!("http://127.0.0.1:{}", b.admin.port());
     let bearer = format!("Authorization: Bearer {TOKEN}");

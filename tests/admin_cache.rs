@@ -21,7 +21,7 @@ fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-async fn get_over_http(b: &Branch, name: &str) -> Vec<u8> {
+async fn get_over_http(b: &AdminBranch, name: &str) -> Vec<u8> {
     let out = b.dir.path().join(format!("dl-{}", name.replace('/', "_")));
     let run = curl_http_get(&b.http_url(name), &out, &[]).await;
     assert_eq!(run.http_status(), 200, "{name}: {}", run.text());
@@ -36,7 +36,7 @@ async fn cache_ls_and_evict_work_against_the_running_appliance() {
             .enumerate()
             .map(|(i, (n, size))| (*n, pseudo_random_bytes(i as u64, *size))),
     );
-    let mut b = Branch::start(&Options {
+    let mut b = AdminBranch::start(&Options {
         upstream: origin.url(),
         ..Options::default()
     });

@@ -165,7 +165,7 @@ async fn a_real_prometheus_scrapes_the_appliance_and_loads_the_rules() {
         return;
     }
     let origin = HttpOrigin::with_files([("SEP001122334455.cnf.xml", "<device/>\n")]);
-    let b = Branch::start(&Options {
+    let b = AdminBranch::start(&Options {
         upstream: origin.url(),
         ..Options::default()
     });
@@ -287,7 +287,7 @@ fn exprs(v: &serde_json::Value, out: &mut Vec<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_and_rules_use_only_metrics_a_live_appliance_exports() {
     let origin = HttpOrigin::with_files([("SEP001122334455.cnf.xml", "<device/>\n")]);
-    let b = Branch::start(&Options {
+    let b = AdminBranch::start(&Options {
         upstream: origin.url(),
         ..Options::default()
     });

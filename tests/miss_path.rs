@@ -88,12 +88,7 @@ impl Branch {
     }
 
     async fn admin_get(&self, path: &str) -> String {
-        reqwest::get(format!("http://{}{path}", self.admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        admin_get(self.admin, path).await
     }
 
     /// `branchtftp_upstream_requests_total{upstream=URL,result=RESULT}`, 0 when absent.
@@ -124,20 +119,6 @@ impl Branch {
         assert!(out.status.success(), "cache ls: {out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
-}
-
-/// The value of a Prometheus sample whose labels include every `(key, value)` given.
-fn metric_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(metric) && !l.starts_with('#'))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
 }
 
 /// What a phone saw, measured on the phone's side.
@@ -553,6 +534,14 @@ async fn phone_boot_survives_wan_outage() {
     for (name, run) in &misses {
         assert_eq!(run.error_code(), Some(1), "{name}: {run:?}");
     }
+    // The warm-up's "not found" answers date from its start, and on a loaded machine the
+    // warm-up alone can outlast the 4 s TTL. Let them expire, then ask the misses once more
+    // with the WAN up, so the cut below starts with a full TTL ahead of it.
+    tokio::time::sleep(Duration::from_millis(4200).saturating_sub(warm_up)).await;
+    for (name, _) in boot.iter().filter(|(_, size)| size.is_none()) {
+        let run = phone_get(branch.addr, name, None, Duration::from_secs(4)).await;
+        assert_eq!(run.error_code(), Some(1), "{name}: {run:?}");
+    }
     let gets_after_warm_up = origin.total_requests();
 
     wan.cut();
@@ -822,4 +811,80 @@ async fn tftp_upstream_with_windowsize_atftpd_works() {
         "{up} packets up for {blocks} blocks: no window in use"
     );
     eprintln!("atftpd upstream: {up} packets up, {down} down");
+}
+
+// --- limits on what an upstream can make us hold ---------------------------------------------
+
+/// The fetcher in process over a cache of `max_size` bytes and one HTTP origin.
+fn fetcher_over(
+    origin: &HttpOrigin,
+    max_size: u64,
+) -> (
+    tempfile::TempDir,
+    std::sync::Arc<branchtftp::upstream::flight::Fetcher>,
+) {
+    use branchtftp::cache::{Cache, ClassRules};
+    use branchtftp::config::UpstreamConfig;
+    use branchtftp::upstream::UpstreamChain;
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _) = Cache::open(dir.path(), max_size, ClassRules::default()).unwrap();
+    let chain = UpstreamChain::new(&[UpstreamConfig::new(origin.url())]).unwrap();
+    let fetcher = branchtftp::upstream::flight::Fetcher::new(cache, chain, Duration::from_secs(30));
+    (dir, fetcher)
+}
+
+/// Reads what a phone would get for `name`: the bytes, or the error.
+async fn open_and_read(
+    fetcher: &std::sync::Arc<branchtftp::upstream::flight::Fetcher>,
+    name: &str,
+) -> Result<Vec<u8>, String> {
+    use branchtftp::upstream::flight::Served;
+    use tokio::io::AsyncReadExt;
+    let name = branchtftp::name::FileName::parse(name).unwrap();
+    match fetcher.open(&name).await.map_err(|e| e.to_string())? {
+        Served::Hit(_) => Err("unexpected hit".into()),
+        Served::Miss(mut m) => {
+            let mut out = Vec::new();
+            m.reader
+                .read_to_end(&mut out)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(out)
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_file_over_a_quarter_of_the_cache_is_refused_and_never_cached() {
+    let origin = HttpOrigin::start();
+    origin.put_file("huge.sbn", vec![1u8; 300_000]);
+    origin.put_file("fits.sbn", vec![2u8; 200_000]);
+    let (_dir, fetcher) = fetcher_over(&origin, 1_000_000);
+    assert_eq!(fetcher.max_file(), 250_000);
+    let err = open_and_read(&fetcher, "huge.sbn").await.unwrap_err();
+    assert!(err.contains("limit"), "{err}");
+    assert!(fetcher.cache().get("huge.sbn").is_none(), "never published");
+    assert_eq!(
+        open_and_read(&fetcher, "fits.sbn").await.unwrap(),
+        vec![2u8; 200_000]
+    );
+    assert!(fetcher.cache().get("fits.sbn").is_some());
+}
+
+#[tokio::test]
+async fn a_case_variant_not_found_does_not_blank_out_the_real_file() {
+    // The origin is case-sensitive, as a Linux TFTP server is: only `kern.sbn` exists.
+    let origin = HttpOrigin::start();
+    origin.put_file("kern.sbn", vec![3u8; 5_000]);
+    let (_dir, fetcher) = fetcher_over(&origin, 1 << 30);
+    for variant in ["KERN.sbn", "Kern.SBN"] {
+        let err = open_and_read(&fetcher, variant).await.unwrap_err();
+        assert_eq!(err, "file not found", "{variant}");
+    }
+    // Within the negative TTL of the variants, the real spelling is still asked and served.
+    assert_eq!(
+        open_and_read(&fetcher, "kern.sbn").await.unwrap(),
+        vec![3u8; 5_000]
+    );
+    assert_eq!(origin.gets("kern.sbn"), 1);
 }

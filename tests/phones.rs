@@ -155,7 +155,12 @@ async fn phone_tftp_get(
 }
 
 /// One file, the way the phone fetches it: `Some(content)` or `None` when not found.
-async fn fetch(b: &Branch, p: &SimPhone, name: &str, stop_after: Option<usize>) -> Option<Vec<u8>> {
+async fn fetch(
+    b: &AdminBranch,
+    p: &SimPhone,
+    name: &str,
+    stop_after: Option<usize>,
+) -> Option<Vec<u8>> {
     if p.over_http {
         let out = b.dir.path().join(format!("dl-{}-{name}", p.mac));
         let run = curl_http(
@@ -182,7 +187,7 @@ async fn fetch(b: &Branch, p: &SimPhone, name: &str, stop_after: Option<usize>) 
 
 /// A boot as the TFTP server sees it (domain.md): trust lists (missing here), the config, then,
 /// the load being new, its `.loads` and every image.
-async fn boot(b: &Branch, origin: &HttpOrigin, p: &SimPhone, cut: bool) {
+async fn boot(b: &AdminBranch, origin: &HttpOrigin, p: &SimPhone, cut: bool) {
     for tl in [
         format!("CTLSEP{}.tlv", p.mac),
         format!("ITLSEP{}.tlv", p.mac),
@@ -208,7 +213,7 @@ async fn boot(b: &Branch, origin: &HttpOrigin, p: &SimPhone, cut: bool) {
     }
 }
 
-fn phones_json(b: &Branch) -> Vec<serde_json::Value> {
+fn phones_json(b: &AdminBranch) -> Vec<serde_json::Value> {
     let out = b.command(&["phones", "--admin", &b.admin_url(), "--json"]);
     assert!(out.status.success(), "{}", text(&out));
     serde_json::from_slice(&out.stdout).unwrap()
@@ -224,7 +229,7 @@ async fn twenty_phones_boot_one_stops_halfway_through_its_firmware_and_the_view_
         extra: "phones:\n  quiet_gap: 2s\n".into(),
         ..Options::default()
     };
-    let mut b = Branch::start(&opts);
+    let mut b = AdminBranch::start(&opts);
 
     // Five phones at a time, like a branch coming back from a power cut in waves.
     for wave in sims.chunks(5) {

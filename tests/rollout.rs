@@ -68,6 +68,7 @@ fn rig(upstream: &str, clock: Arc<TestClock>, tune: impl FnOnce(&mut SyncConfig)
     let chain = UpstreamChain::new(&[UpstreamConfig {
         url: upstream.to_string(),
         timeout: Duration::from_secs(5),
+        ..UpstreamConfig::new(upstream)
     }])
     .unwrap();
     let fetcher = Fetcher::new(cache.clone(), chain, Duration::from_secs(30));

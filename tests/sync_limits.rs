@@ -35,6 +35,7 @@ fn rig(upstream: &str, max_size: u64, tune: impl FnOnce(&mut SyncConfig)) -> Rig
     let chain = UpstreamChain::new(&[UpstreamConfig {
         url: upstream.to_string(),
         timeout: Duration::from_secs(5),
+        ..UpstreamConfig::new(upstream)
     }])
     .unwrap();
     let fetcher = Fetcher::new(cache.clone(), chain, Duration::from_secs(30));

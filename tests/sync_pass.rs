@@ -36,8 +36,9 @@ fn rig(upstreams: &[String], tune: impl FnOnce(&mut SyncConfig)) -> Rig {
         &upstreams
             .iter()
             .map(|u| UpstreamConfig {
-                url: u.clone(),
                 timeout: Duration::from_secs(2),
+                probe_interval: Duration::from_millis(300),
+                ..UpstreamConfig::new(u)
             })
             .collect::<Vec<_>>(),
     )
@@ -153,7 +154,11 @@ async fn an_unreachable_upstream_deletes_nothing() {
     // Back, and the central server no longer has the file: the count starts from zero.
     origin.restore();
     origin.remove_file("SEP001122AABBCC.cnf.xml");
-    tokio::time::sleep(branchtftp::upstream::BASE_BACKOFF).await;
+    // The probe marks the central server up again within its interval.
+    let central = r.fetcher.chain().central().unwrap().clone();
+    tokio::time::timeout(Duration::from_secs(2), central.wait_not_down())
+        .await
+        .expect("the probe sees the central server again");
     r.pass().await;
     assert!(
         r.cached("SEP001122AABBCC.cnf.xml"),

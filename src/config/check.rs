@@ -40,7 +40,39 @@ pub fn check_config_to(explicit: Option<&Path>, out: &mut dyn Write, err: &mut d
             }
         },
     };
+    warn_unresolved_upstreams(&cfg, err);
     let _ = writeln!(out, "# branchtftp effective configuration: {source}");
     let _ = write!(out, "{}", cfg.effective_yaml());
     0
+}
+
+/// How long `check-config` waits for DNS per upstream name before moving on.
+const RESOLVE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Warns about upstream names that do not resolve now. Not an error: `serve` resolves names
+/// per request, so a branch booting during a DNS outage still serves its cache (and
+/// `check-config` runs as the unit's `ExecStartPre`, where failing would stop exactly that).
+fn warn_unresolved_upstreams(cfg: &Config, err: &mut dyn Write) {
+    for (i, u) in cfg.upstreams.iter().enumerate() {
+        let Ok(url) = u.parsed_url() else { continue };
+        if url.host.parse::<std::net::IpAddr>().is_ok() {
+            continue;
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let target = url.authority();
+        std::thread::spawn(move || {
+            let _ = tx.send(std::net::ToSocketAddrs::to_socket_addrs(&target).map(|_| ()));
+        });
+        let problem = match rx.recv_timeout(RESOLVE_WAIT) {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no DNS answer within {}s", RESOLVE_WAIT.as_secs()),
+        };
+        let _ = writeln!(
+            err,
+            "branchtftp: warning: upstreams[{i}].url: `{}` does not resolve now ({problem}); \
+             serve starts anyway and resolves it again per request",
+            url.host
+        );
+    }
 }

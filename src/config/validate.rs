@@ -196,6 +196,12 @@ pub fn problems(cfg: &Config, present: &dyn Fn(&str) -> bool) -> Vec<Problem> {
                 "must be more than 0s, e.g. 10s".into(),
             );
         }
+        if u.probe_interval < std::time::Duration::from_millis(100) {
+            bad(
+                format!("upstreams[{i}].probe_interval"),
+                "must be at least 100ms, e.g. 5s".into(),
+            );
+        }
     }
 
     // --- sync ---

@@ -289,6 +289,11 @@ async fn run(h: SyncHandle) {
             .filter(|(i, _)| full || due[*i] <= now)
             .map(|(_, c)| *c)
             .collect();
+        if !classes.is_empty() && defer_while_central_down(&h).await {
+            // Whatever was due is still due: ask again now the central server answers.
+            h.state.full_requested.fetch_or(full, Ordering::SeqCst);
+            continue;
+        }
         let discover = h.state.discover_requested.swap(false, Ordering::SeqCst);
         if !classes.is_empty() {
             let scope = if full {
@@ -345,6 +350,25 @@ async fn run(h: SyncHandle) {
             _ = h.state.wake.notified() => {}
         }
     }
+}
+
+/// A pass while the central server is down would only cost a timeout or a skip per name: wait
+/// until its probe sees it again (or the worker is woken: `POST /sync`, a reload), then let the
+/// loop look again. `true` if it waited.
+async fn defer_while_central_down(h: &SyncHandle) -> bool {
+    let Some(central) = h.syncer.fetcher().chain().central().cloned() else {
+        return false;
+    };
+    if !central.is_down() {
+        return false;
+    }
+    info!(upstream = %central.url, "sync: central server down; the pass waits until it answers again");
+    h.state.status.lock().unwrap().next_pass = None;
+    tokio::select! {
+        _ = central.wait_not_down() => info!(upstream = %central.url, "sync: central server answers again; pass starts"),
+        _ = h.state.wake.notified() => {}
+    }
+    true
 }
 
 fn log_report(r: &PassReport, classes: &[FileClass]) {

@@ -673,6 +673,10 @@ impl Syncer {
         ctx: &Ctx<'_>,
     ) -> Outcome {
         let cache = self.fetcher.cache();
+        let max_file = self.fetcher.max_file();
+        if body.size.is_some_and(|s| s > max_file) {
+            return Outcome::Failed(format!("over the {max_file}-byte file limit; not cached"));
+        }
         let mut publisher = match cache.publisher(name) {
             Ok(p) => p,
             Err(e) => return Outcome::Failed(e.to_string()),
@@ -683,6 +687,9 @@ impl Syncer {
                 Ok(c) => c,
                 Err(e) => return Outcome::Failed(e.to_string()),
             };
+            if publisher.written() + chunk.len() as u64 > max_file {
+                return Outcome::Failed(format!("over the {max_file}-byte file limit; not cached"));
+            }
             ctx.wan_bytes
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
             hasher.update(&chunk);

@@ -7,8 +7,8 @@
 //! complete and of the announced size. A failed or truncated fetch publishes nothing and every
 //! reader gets an error, never a clean end that would make a truncated file look complete.
 //!
-//! "Not found anywhere" is remembered for `sync.negative_ttl`, and past it for as long as every
-//! upstream is unreachable: during a WAN outage a phone asking for its (absent) CTL and ITL files
+//! "Not found anywhere" is remembered for `sync.negative_ttl` by the exact name asked
+//! ([`super::negative`]), and past it while every upstream is unreachable: during a WAN outage a phone asking for its (absent) CTL and ITL files
 //! gets the same quick "file not found" it got before, and boots on as it did then.
 
 use std::collections::HashMap;
@@ -25,6 +25,7 @@ use tokio::io::AsyncRead;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::negative::NegativeCache;
 use super::{ChainAnswer, UpstreamChain};
 use crate::cache::{Cache, CachedFile, PublishMeta};
 use crate::name::FileName;
@@ -85,22 +86,6 @@ struct Flight {
     state: watch::Sender<FlightState>,
 }
 
-/// Counts for tests and metrics.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct FetchStats {
-    /// Flights started (one upstream fetch each, across the chain).
-    pub flights: u64,
-    /// Requests answered "not found" from the negative cache without asking upstream.
-    pub negative_hits: u64,
-    /// Misses answered "not found" from an expired negative entry because no upstream could be
-    /// asked (stale if error).
-    pub stale_negative_hits: u64,
-}
-
-/// How long an expired "not found" may still answer for an unreachable chain; also bounds the
-/// memory the negative cache keeps for names nobody asks again.
-const STALE_NEGATIVE_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
-
 /// Something to tell when a flight publishes a file (the sync worker learns names this way).
 pub type FoundHook = Arc<dyn Fn(&FileName, &str) + Send + Sync>;
 
@@ -108,22 +93,23 @@ pub struct Fetcher {
     cache: Cache,
     chain: RwLock<Arc<UpstreamChain>>,
     flights: Mutex<HashMap<String, Arc<Flight>>>,
-    /// Name → end of its "not found" TTL. Expired entries stay (see [`STALE_NEGATIVE_MAX_AGE`]).
-    negative: Mutex<HashMap<String, Instant>>,
+    /// "Not found", by the exact name asked (see [`NegativeCache`]).
+    negative: Mutex<NegativeCache>,
     negative_ttl: RwLock<Duration>,
-    stats: Mutex<FetchStats>,
+    /// The largest file a flight takes into the cache.
+    max_file: u64,
     on_found: RwLock<Option<FoundHook>>,
 }
 
 impl Fetcher {
     pub fn new(cache: Cache, chain: UpstreamChain, negative_ttl: Duration) -> Arc<Fetcher> {
         Arc::new(Fetcher {
+            max_file: max_file_size(cache.max_bytes()),
             cache,
             chain: RwLock::new(Arc::new(chain)),
             flights: Mutex::new(HashMap::new()),
-            negative: Mutex::new(HashMap::new()),
+            negative: Mutex::new(NegativeCache::default()),
             negative_ttl: RwLock::new(negative_ttl),
-            stats: Mutex::new(FetchStats::default()),
             on_found: RwLock::new(None),
         })
     }
@@ -147,13 +133,18 @@ impl Fetcher {
         *self.on_found.write().unwrap() = Some(hook);
     }
 
-    pub fn stats(&self) -> FetchStats {
-        *self.stats.lock().unwrap()
+    /// The largest file taken from an upstream (a quarter of `cache.max_size`).
+    pub fn max_file(&self) -> u64 {
+        self.max_file
     }
 
-    /// Forgets "not found" answers (after a sync learned that a file now exists).
+    /// Forgets "not found" answers for every spelling of a cache key (a sync learned that the
+    /// file now exists).
     pub fn forget_negative(&self, key: &str) {
-        self.negative.lock().unwrap().remove(key);
+        self.negative
+            .lock()
+            .unwrap()
+            .forget(|asked| FileName::parse(asked).is_ok_and(|n| n.key() == key));
     }
 
     /// A cached copy if there is one, else the shared upstream fetch for this name.
@@ -161,12 +152,10 @@ impl Fetcher {
         if let Some(hit) = self.open_cached(name)? {
             return Ok(Served::Hit(hit));
         }
-        let key = name.key().to_string();
-        if self
-            .negative_until(&key)
-            .is_some_and(|until| Instant::now() < until)
-        {
-            self.stats.lock().unwrap().negative_hits += 1;
+        // Flights and "not found" go by the exact name asked upstream (a case-sensitive
+        // upstream may have one spelling and not another); the cache by the folded key.
+        let key = name.as_str().to_string();
+        if self.negative.lock().unwrap().fresh(&key, Instant::now()) {
             return Err(MissError::NotFound);
         }
         let flight = {
@@ -182,7 +171,6 @@ impl Fetcher {
                     let (tx, _) = watch::channel(FlightState::default());
                     let f = Arc::new(Flight { state: tx });
                     flights.insert(key.clone(), f.clone());
-                    self.stats.lock().unwrap().flights += 1;
                     crate::metrics::global().upstream_fetches.inc();
                     tokio::spawn(self.clone().fly(name.clone(), f.clone()));
                     f
@@ -210,18 +198,12 @@ impl Fetcher {
         }
     }
 
-    fn negative_until(&self, key: &str) -> Option<Instant> {
-        self.negative.lock().unwrap().get(key).copied()
-    }
-
-    fn remember_not_found(&self, key: &str) {
-        let now = Instant::now();
+    fn remember_not_found(&self, asked: &str) {
         let ttl = *self.negative_ttl.read().unwrap();
-        let mut neg = self.negative.lock().unwrap();
-        if neg.len() >= 4096 && neg.len().is_power_of_two() {
-            neg.retain(|_, until| *until + STALE_NEGATIVE_MAX_AGE > now);
-        }
-        neg.insert(key.to_string(), now + ttl);
+        self.negative
+            .lock()
+            .unwrap()
+            .insert(asked, Instant::now(), ttl);
     }
 
     fn open_cached(&self, name: &FileName) -> Result<Option<CachedFile>, MissError> {
@@ -237,7 +219,7 @@ impl Fetcher {
 
     /// One upstream fetch, written into the cache and shared with every reader.
     async fn fly(self: Arc<Self>, name: FileName, flight: Arc<Flight>) {
-        let key = name.key().to_string();
+        let key = name.as_str().to_string();
         let chain = self.chain();
         let started = Instant::now();
         let answer = chain.fetch(name.as_str()).await;
@@ -250,12 +232,13 @@ impl Fetcher {
             }
             ChainAnswer::Unreachable(why) => {
                 let known_missing = self
-                    .negative_until(&key)
-                    .is_some_and(|until| until + STALE_NEGATIVE_MAX_AGE > Instant::now());
+                    .negative
+                    .lock()
+                    .unwrap()
+                    .known_missing(&key, Instant::now());
                 if known_missing {
                     // Stale if error, for a miss: the last answer the chain gave was "not
                     // found"; a phone is better served by that than by an error it never saw.
-                    self.stats.lock().unwrap().stale_negative_hits += 1;
                     info!(name = %name, "not found when last asked; upstreams unreachable now: {why}");
                     set_answer(Answer::NotFound);
                 } else {
@@ -264,7 +247,7 @@ impl Fetcher {
                 }
             }
             ChainAnswer::Found { upstream, body } => {
-                self.forget_negative(&key);
+                self.forget_negative(name.key());
                 let source = upstream.url.clone();
                 let result = self
                     .stream_into_cache(&name, &source, body, &flight, &set_answer)
@@ -303,6 +286,11 @@ impl Fetcher {
         flight: &Flight,
         set_answer: &impl Fn(Answer),
     ) -> Result<u64, String> {
+        if let Some(size) = body.size.filter(|&s| s > self.max_file) {
+            let why = too_large(size, self.max_file);
+            set_answer(Answer::Failed(why.clone()));
+            return Err(why);
+        }
         let mut publisher = match self.cache.publisher(name) {
             Ok(p) => p,
             Err(e) => {
@@ -324,6 +312,13 @@ impl Fetcher {
         });
         while let Some(chunk) = body.stream.next().await {
             let chunk = chunk.map_err(|e| e.to_string())?;
+            if publisher.written() + chunk.len() as u64 > self.max_file {
+                // Announced no size (TFTP without tsize) or lied about it.
+                return Err(too_large(
+                    publisher.written() + chunk.len() as u64,
+                    self.max_file,
+                ));
+            }
             publisher.write_chunk(&chunk).map_err(|e| e.to_string())?;
             // Readers follow the temp file: what they may read must have left the buffer.
             io::Write::flush(&mut publisher).map_err(|e| format!("cache write: {e}"))?;
@@ -350,6 +345,17 @@ impl Fetcher {
             .map_err(|e| e.to_string())?;
         Ok(written)
     }
+}
+
+/// The largest file an upstream may put in a cache of `max_size` bytes: a quarter of it, so
+/// one huge file (a mistake or a hostile upstream) evicts at most a quarter of what phones
+/// need, never the whole unpinned cache.
+pub fn max_file_size(max_size: u64) -> u64 {
+    (max_size / 4).max(1)
+}
+
+fn too_large(size: u64, max: u64) -> String {
+    format!("file of {size} bytes or more is over the {max}-byte limit (a quarter of cache.max_size); not cached")
 }
 
 /// The bytes of a flight for one reader, as far as they have been written; an error if the

@@ -1,21 +1,35 @@
 //! The upstream chain: the central CUCM TFTP server first, then the alternate file servers, in
 //! configured order, as CUCM's "Alternate Cisco File Servers" are asked. "Not found" moves on to
-//! the next upstream; an unreachable one is marked unhealthy for a backoff period, skipped at
-//! once while it lasts, and probed again afterwards. The first hit wins.
+//! the next upstream; the first hit wins.
+//!
+//! Each upstream carries its health ([`health`]): the first transport failure marks it down,
+//! requests then skip it at once, and requests already waiting on it are failed over at once
+//! instead of each waiting out its own timeout; a background probe marks it up again. So a miss
+//! waits at most one upstream timeout per down-marking, and while every upstream is down it is
+//! answered at once. Host names are resolved per request through a short cache ([`resolve`]),
+//! so neither start-up nor a DNS change depends on DNS answering at start.
 
 pub mod flight;
+pub mod health;
 mod http;
+pub mod negative;
+pub mod resolve;
 mod tftp;
 
-use std::sync::Mutex;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use thiserror::Error;
-use tracing::{info, warn};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
 
-use crate::config::UpstreamConfig;
+use crate::config::{UpstreamConfig, UpstreamScheme, UpstreamUrl};
+pub use health::UpstreamState;
+use health::{Breaker, Transition};
+use resolve::Resolver;
 
 pub use crate::cache::Validators;
 
@@ -48,49 +62,36 @@ pub enum FetchError {
     Truncated(String),
 }
 
-#[derive(Debug, Clone)]
-enum Protocol {
-    Http { base: String },
-    Tftp { addr: std::net::SocketAddr },
-}
-
-/// Health as shown on the status page.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum UpstreamState {
-    Up,
-    Down,
-    Unknown,
-}
-
-#[derive(Debug, Default)]
-struct Health {
-    down_until: Option<Instant>,
-    failures: u32,
-    last_ok: Option<SystemTime>,
-    last_error: Option<(SystemTime, String)>,
-}
-
-/// A snapshot of one upstream for `/status`.
-#[derive(Debug, Clone, serde::Serialize)]
+/// A snapshot of one upstream for `/status` (the admin page serialises it as is).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct UpstreamStatus {
     pub url: String,
     pub state: UpstreamState,
-    /// Seconds since the Unix epoch.
+    /// Unix seconds of the last answer.
     pub last_ok: Option<u64>,
     pub last_error: Option<String>,
+    /// Unix seconds of the last change between up and down.
+    #[serde(default)]
+    pub last_transition: Option<u64>,
+    /// Unix seconds when the next probe is due (only while down).
+    #[serde(default)]
+    pub next_probe: Option<u64>,
 }
 
-/// First backoff after a failure; doubles per consecutive failure up to [`MAX_BACKOFF`].
-pub const BASE_BACKOFF: Duration = Duration::from_secs(10);
-pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// What a probe asks for: a small file every CUCM TFTP server has. Any answer, "not found"
+/// included, shows the upstream is there.
+pub const PROBE_NAME: &str = "XMLDefault.cnf.xml";
 
 pub struct Upstream {
     pub url: String,
-    protocol: Protocol,
+    target: UpstreamUrl,
     timeout: Duration,
     http: reqwest::Client,
-    health: Mutex<Health>,
+    resolver: Arc<Resolver>,
+    breaker: Mutex<Breaker>,
+    /// The state as a channel: requests waiting on the upstream watch it to fail over the
+    /// moment another request marks it down, and the sync worker waits on it to resume.
+    state: watch::Sender<UpstreamState>,
 }
 
 #[derive(Debug, Error)]
@@ -100,114 +101,134 @@ pub struct UpstreamUrlError {
     pub problem: String,
 }
 
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, UpstreamUrlError> {
-        let err = |problem: &str| UpstreamUrlError {
+    /// Checks the URL only: the host is resolved when a request needs it.
+    pub fn new(
+        cfg: &UpstreamConfig,
+        resolver: Arc<Resolver>,
+    ) -> Result<Upstream, UpstreamUrlError> {
+        let err = |problem: String| UpstreamUrlError {
             url: cfg.url.clone(),
-            problem: problem.to_string(),
+            problem,
         };
-        let protocol = if let Some(rest) = cfg.url.strip_prefix("http://") {
-            let host = rest.trim_end_matches('/');
-            if host.is_empty() || host.contains('/') {
-                return Err(err("expected http://HOST:PORT"));
-            }
-            Protocol::Http {
-                base: format!("http://{host}"),
-            }
-        } else if let Some(rest) = cfg.url.strip_prefix("tftp://") {
-            let host = rest.trim_end_matches('/');
-            let with_port = crate::tftp::client::with_default_port(host);
-            let addr = std::net::ToSocketAddrs::to_socket_addrs(&with_port)
-                .map_err(|e| err(&format!("cannot resolve: {e}")))?
-                .next()
-                .ok_or_else(|| err("host has no address"))?;
-            Protocol::Tftp { addr }
-        } else {
-            return Err(err("expected http://HOST:PORT or tftp://HOST[:PORT]"));
-        };
+        let target = cfg.parsed_url().map_err(err)?;
         let http = reqwest::Client::builder()
             .connect_timeout(cfg.timeout)
             .read_timeout(cfg.timeout)
+            .dns_resolver(Arc::new(resolve::ForReqwest(resolver.clone())))
             .no_proxy()
             .build()
-            .map_err(|e| err(&e.to_string()))?;
+            .map_err(|e| err(e.to_string()))?;
+        // Not known to be down: requests go to it.
+        crate::metrics::global().upstream_up(&cfg.url, true);
         Ok(Upstream {
             url: cfg.url.clone(),
-            protocol,
+            target,
             timeout: cfg.timeout,
             http,
-            health: Mutex::new(Health::default()),
+            resolver,
+            breaker: Mutex::new(Breaker::new(cfg.probe_interval)),
+            state: watch::channel(UpstreamState::Unknown).0,
         })
     }
 
     pub fn is_http(&self) -> bool {
-        matches!(self.protocol, Protocol::Http { .. })
+        self.target.scheme == UpstreamScheme::Http
     }
 
-    /// Whether the upstream is inside a backoff period after failing.
+    /// Whether the upstream is marked down (skipped, and probed in the background).
     pub fn is_down(&self) -> bool {
-        let h = self.health.lock().unwrap();
-        h.down_until.is_some_and(|t| Instant::now() < t)
+        self.breaker.lock().unwrap().is_down()
+    }
+
+    /// Resolves once the upstream is no longer marked down.
+    pub async fn wait_not_down(&self) {
+        let mut rx = self.state.subscribe();
+        let _ = rx.wait_for(|s| *s != UpstreamState::Down).await;
     }
 
     pub fn status(&self) -> UpstreamStatus {
-        let h = self.health.lock().unwrap();
-        let secs = |t: SystemTime| {
-            t.duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-        };
-        let state = if h.down_until.is_some_and(|t| Instant::now() < t) {
-            UpstreamState::Down
-        } else if h.last_ok.is_none() && h.last_error.is_none() {
-            UpstreamState::Unknown
-        } else if h.failures > 0 {
-            UpstreamState::Down
-        } else {
-            UpstreamState::Up
-        };
+        let b = self.breaker.lock().unwrap();
+        let now = Instant::now();
+        let wall = SystemTime::now();
         UpstreamStatus {
             url: self.url.clone(),
-            state,
-            last_ok: h.last_ok.map(secs),
-            last_error: h.last_error.as_ref().map(|(_, e)| e.clone()),
+            state: b.state(),
+            last_ok: b.last_ok.map(unix_secs),
+            last_error: b.last_error.as_ref().map(|(_, e)| e.clone()),
+            last_transition: b.last_transition.map(unix_secs),
+            next_probe: b
+                .next_probe()
+                .map(|due| unix_secs(wall + due.saturating_duration_since(now))),
         }
     }
 
-    fn mark_ok(&self) {
-        let mut h = self.health.lock().unwrap();
-        if h.failures > 0 {
-            info!(upstream = %self.url, "upstream is reachable again");
+    fn mark_ok(self: &Arc<Self>) {
+        let t = self.breaker.lock().unwrap().succeeded(SystemTime::now());
+        if let Some(t) = t {
+            self.transition(t);
         }
-        h.failures = 0;
-        h.down_until = None;
-        h.last_ok = Some(SystemTime::now());
     }
 
-    fn mark_failed(&self, why: &str) {
-        let mut h = self.health.lock().unwrap();
-        h.failures += 1;
-        let backoff = BASE_BACKOFF
-            .saturating_mul(1 << (h.failures - 1).min(5))
-            .min(MAX_BACKOFF);
-        h.down_until = Some(Instant::now() + backoff);
-        h.last_error = Some((SystemTime::now(), why.to_string()));
-        warn!(upstream = %self.url, "upstream unreachable ({why}); skipping it for {}s", backoff.as_secs());
+    fn mark_failed(self: &Arc<Self>, why: &str) {
+        let t = self
+            .breaker
+            .lock()
+            .unwrap()
+            .failed(Instant::now(), SystemTime::now(), why);
+        if let Some(t) = t {
+            warn!(upstream = %self.url, "upstream down: {why}; skipped and probed until it answers");
+            self.transition(t);
+        }
+    }
+
+    /// Logs, counts and publishes a change between up and down (once per change).
+    fn transition(self: &Arc<Self>, t: Transition) {
+        let metrics = crate::metrics::global();
+        match t {
+            Transition::Up => {
+                info!(upstream = %self.url, "upstream up");
+                metrics.upstream_transition(&self.url, UpstreamState::Up);
+                self.state.send_replace(UpstreamState::Up);
+            }
+            Transition::Down { start_probe } => {
+                metrics.upstream_transition(&self.url, UpstreamState::Down);
+                self.state.send_replace(UpstreamState::Down);
+                if start_probe {
+                    tokio::spawn(probe(Arc::downgrade(self)));
+                }
+            }
+        }
     }
 
     /// Asks this upstream for `name`, conditionally when `known` validators are given (HTTP).
-    /// Health is updated from the outcome of the request itself; a body that breaks off later
-    /// is reported by its stream.
+    /// An upstream marked down is not asked; a request waiting when another marks it down
+    /// gives up at once. Health is updated from the outcome of the request itself; a body that
+    /// breaks off later is reported by its stream.
     pub async fn fetch(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         known: Option<&Validators>,
     ) -> Result<Answer, FetchError> {
-        let result = match &self.protocol {
-            Protocol::Http { base } => http::fetch(&self.http, base, name, known).await,
-            Protocol::Tftp { addr } => tftp::fetch(*addr, name, self.timeout).await,
-        };
         let metrics = crate::metrics::global();
+        let mut state = self.state.subscribe();
+        if self.is_down() {
+            metrics.upstream_request(&self.url, "skipped");
+            return Err(FetchError::Unreachable("down; probing".into()));
+        }
+        let result = tokio::select! {
+            r = self.request(name, known) => r,
+            _ = state.wait_for(|s| *s == UpstreamState::Down) => {
+                metrics.upstream_request(&self.url, "failed_over");
+                return Err(FetchError::Unreachable("down (found by another request)".into()));
+            }
+        };
         let label = match &result {
             Ok(Answer::Found(_)) => "found",
             Ok(Answer::NotModified) => "not_modified",
@@ -217,12 +238,9 @@ impl Upstream {
         };
         metrics.upstream_request(&self.url, label);
         match &result {
-            Ok(_) => self.mark_ok(),
             Err(FetchError::Unreachable(why)) => self.mark_failed(why),
-            Err(_) => {
-                // Reachable but failing for this file: not a reason to skip it for others.
-                self.mark_ok()
-            }
+            // An answer, even "not found" or an error for this file, is health.
+            _ => self.mark_ok(),
         }
         match result {
             Ok(Answer::Found(mut body)) => {
@@ -242,18 +260,90 @@ impl Upstream {
         }
     }
 
-    /// Fetches a small file whole (the sync worker's lists and configs).
-    pub async fn fetch_bytes(&self, name: &str) -> Result<Option<Bytes>, FetchError> {
-        use futures::StreamExt;
-        match self.fetch(name, None).await? {
-            Answer::Found(mut body) => {
-                let mut out = Vec::new();
-                while let Some(c) = body.stream.next().await {
-                    out.extend_from_slice(&c?);
+    /// One request until the upstream's first answer, bounded by its timeout whatever hangs
+    /// (DNS, connect, the request).
+    async fn request(&self, name: &str, known: Option<&Validators>) -> Result<Answer, FetchError> {
+        let attempt = async {
+            match self.target.scheme {
+                UpstreamScheme::Http => {
+                    let base = format!("http://{}", self.target.authority());
+                    http::fetch(&self.http, &base, name, known).await
                 }
-                Ok(Some(Bytes::from(out)))
+                UpstreamScheme::Tftp => {
+                    let addrs = self
+                        .resolver
+                        .resolve(&self.target.host)
+                        .await
+                        .map_err(|e| {
+                            FetchError::Unreachable(format!(
+                                "cannot resolve {}: {e}",
+                                self.target.host
+                            ))
+                        })?;
+                    let addr = SocketAddr::new(addrs[0], self.target.port);
+                    tftp::fetch(addr, name, self.timeout).await
+                }
             }
+        };
+        match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(FetchError::Unreachable(format!(
+                "no answer within {}",
+                humantime::format_duration(self.timeout)
+            ))),
+        }
+    }
+
+    /// Fetches a small file whole (the sync worker's lists and configs).
+    pub async fn fetch_bytes(self: &Arc<Self>, name: &str) -> Result<Option<Bytes>, FetchError> {
+        match self.fetch(name, None).await? {
+            Answer::Found(body) => read_all(body).await.map(Some),
             Answer::NotModified | Answer::NotFound => Ok(None),
+        }
+    }
+}
+
+async fn read_all(mut body: Body) -> Result<Bytes, FetchError> {
+    use futures::StreamExt;
+    let mut out = Vec::new();
+    while let Some(c) = body.stream.next().await {
+        out.extend_from_slice(&c?);
+    }
+    Ok(Bytes::from(out))
+}
+
+/// The probe of a down upstream: one request for [`PROBE_NAME`] when due, until one answers.
+/// Ends when the upstream is up again or no longer configured (a reload dropped it).
+async fn probe(up: Weak<Upstream>) {
+    loop {
+        let due = match up.upgrade() {
+            Some(u) => u.breaker.lock().unwrap().probe_due(),
+            None => return,
+        };
+        let Some(due) = due else { return };
+        tokio::time::sleep_until(due.into()).await;
+        let Some(u) = up.upgrade() else { return };
+        if !u.is_down() {
+            continue;
+        }
+        let answered = match u.request(PROBE_NAME, None).await {
+            // Read a found file to its end so the server sees a finished transfer.
+            Ok(Answer::Found(body)) => tokio::time::timeout(u.timeout, read_all(body))
+                .await
+                .map_err(|_| FetchError::Unreachable("probe body stalled".into()))
+                .and_then(|r| r.map(|_| ())),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        match answered {
+            Err(FetchError::Unreachable(why)) => {
+                debug!(upstream = %u.url, "probe failed: {why}");
+                u.breaker
+                    .lock()
+                    .unwrap()
+                    .probe_failed(Instant::now(), SystemTime::now(), &why);
+            }
+            _ => u.mark_ok(),
         }
     }
 }
@@ -261,7 +351,7 @@ impl Upstream {
 /// The outcome of asking the whole chain.
 pub enum ChainAnswer {
     Found {
-        upstream: std::sync::Arc<Upstream>,
+        upstream: Arc<Upstream>,
         body: Body,
     },
     /// Every upstream answered "not found".
@@ -272,19 +362,33 @@ pub enum ChainAnswer {
 
 /// The configured upstreams, in order.
 pub struct UpstreamChain {
-    upstreams: Vec<std::sync::Arc<Upstream>>,
+    upstreams: Vec<Arc<Upstream>>,
 }
 
 impl UpstreamChain {
+    /// The chain with the system resolver.
     pub fn new(cfgs: &[UpstreamConfig]) -> Result<UpstreamChain, UpstreamUrlError> {
+        UpstreamChain::with_resolver(cfgs, Resolver::system())
+    }
+
+    /// The chain resolving host names through `resolver` (a test's, to move a name).
+    pub fn with_resolver(
+        cfgs: &[UpstreamConfig],
+        resolver: Arc<Resolver>,
+    ) -> Result<UpstreamChain, UpstreamUrlError> {
         let upstreams = cfgs
             .iter()
-            .map(|c| Upstream::new(c).map(std::sync::Arc::new))
+            .map(|c| Upstream::new(c, resolver.clone()).map(Arc::new))
             .collect::<Result<_, _>>()?;
         Ok(UpstreamChain { upstreams })
     }
 
-    pub fn upstreams(&self) -> &[std::sync::Arc<Upstream>] {
+    /// The central server: the first upstream.
+    pub fn central(&self) -> Option<&Arc<Upstream>> {
+        self.upstreams.first()
+    }
+
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
         &self.upstreams
     }
 
@@ -292,15 +396,10 @@ impl UpstreamChain {
         self.upstreams.is_empty()
     }
 
-    /// Asks each upstream in order; unhealthy ones are skipped at once.
+    /// Asks each upstream in order; those marked down are skipped at once.
     pub async fn fetch(&self, name: &str) -> ChainAnswer {
         let mut unreachable: Vec<String> = Vec::new();
         for up in &self.upstreams {
-            if up.is_down() {
-                crate::metrics::global().upstream_request(&up.url, "skipped");
-                unreachable.push(format!("{} (down)", up.url));
-                continue;
-            }
             match up.fetch(name, None).await {
                 Ok(Answer::Found(body)) => {
                     return ChainAnswer::Found {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::support::*;
 
 /// A running `branchtftp serve`, killed on drop.
-pub struct Branch {
+pub struct AdminBranch {
     pub tftp: SocketAddr,
     pub http: SocketAddr,
     pub admin: SocketAddr,
@@ -63,15 +63,15 @@ fn config_yaml(
     y
 }
 
-impl Branch {
-    pub fn start(o: &Options) -> Branch {
+impl AdminBranch {
+    pub fn start(o: &Options) -> AdminBranch {
         let dir = tempfile::Builder::new()
             .prefix("branchtftp-admin-")
             .tempdir()
             .unwrap();
         fs::create_dir_all(dir.path().join("overrides")).unwrap();
         let config = dir.path().join("branchtftp.yaml");
-        let mut b = Branch {
+        let mut b = AdminBranch {
             tftp: localhost(0),
             http: localhost(0),
             admin: localhost(0),
@@ -220,7 +220,7 @@ impl Branch {
     }
 }
 
-impl Drop for Branch {
+impl Drop for AdminBranch {
     fn drop(&mut self) {
         self.kill();
     }

@@ -9,11 +9,15 @@
 //! Use from a test file with `mod support;` and `use support::*;`.
 #![allow(dead_code, unused_imports)]
 
+mod admin;
+mod branch;
 mod clients;
 mod files;
 mod origin;
 mod servers;
 
+pub use admin::*;
+pub use branch::*;
 pub use branchtftp::wan::*;
 pub use clients::*;
 pub use files::*;
