@@ -970,7 +970,7 @@ access:
         assert_eq!(
             error_of("tftp:\n  max_blksiz: 1468\n"),
             "branchtftp.yaml:2:3: tftp.max_blksiz: unknown field `max_blksiz`, expected one of \
-             `listen`, `max_blksize`, `max_windowsize`, `timeout`, `retries`"
+             `listen`, `max_blksize`, `max_windowsize`, `timeout`, `max_timeout`, `retries`"
         );
         assert_eq!(
             error_of("upstreams:\n  - url: http://a:6970\n  - url: tftp://b\n    tmeout: 1s\n"),
