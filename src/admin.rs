@@ -173,6 +173,10 @@ async fn metrics(State(st): State<AdminState>) -> Response {
         m.cache_bytes.set(bytes as i64);
         m.cache_max_bytes.set(f.cache().max_bytes() as i64);
     }
+    // Current at every scrape, not as of the phones task's last tick.
+    if let Some(p) = &st.phones {
+        m.phones_update(&p.summary(), &[]);
+    }
     (
         [(
             header::CONTENT_TYPE,

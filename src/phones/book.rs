@@ -106,6 +106,9 @@ pub struct Phone {
     pub config: Option<String>,
     /// The load its config names (`<loadInformation>`), or whose `.loads` it asked for.
     pub load: Option<String>,
+    /// Whether `config` has been read for its load since the phone last got it.
+    #[serde(skip)]
+    pub config_read: bool,
     pub last_file: Option<String>,
     pub last_error: Option<String>,
     pub boot: Option<Boot>,
@@ -325,6 +328,7 @@ impl PhoneBook {
                     last_seen: obs.at,
                     config: None,
                     load: None,
+                    config_read: false,
                     last_file: None,
                     last_error: None,
                     boot: None,
@@ -563,6 +567,7 @@ fn record(
                         Kind::Config => {
                             b.config_fetched = true;
                             phone.config = Some(obs.name.clone());
+                            phone.config_read = false;
                         }
                         Kind::Loads => {
                             b.loads_fetched = true;
@@ -589,12 +594,14 @@ fn record(
             phone.last_error = Some(truncate(format!("{}: {why}", obs.name)));
         }
     }
-    // A config published just after its transfer ended (a miss) is read on a later request.
-    if phone.load.is_none() {
-        if let Some(cfg) = &phone.config {
-            phone.load = lib
-                .read(cfg)
-                .and_then(|data| config_refs(&data).loads.into_iter().next());
+    // Once per config fetched; a config published just after its transfer ended (a miss) is
+    // read on a later request.
+    if !phone.config_read {
+        if let Some(data) = phone.config.as_deref().and_then(|c| lib.read(c)) {
+            phone.config_read = true;
+            if let Some(load) = config_refs(&data).loads.into_iter().next() {
+                phone.load = Some(load);
+            }
         }
     }
 }
@@ -778,6 +785,62 @@ mod tests {
         let end = p.now;
         b.tick(end + 60_000, u64::MAX);
         assert_eq!(b.report(end + 60_000)[0].state, PhoneState::Stuck);
+    }
+
+    #[test]
+    fn a_config_naming_a_new_load_is_read_once_per_fetch() {
+        struct Counting(Files, std::cell::Cell<u32>);
+        impl Library for Counting {
+            fn read(&self, name: &str) -> Option<Vec<u8>> {
+                self.1.set(self.1.get() + 1);
+                self.0.read(name)
+            }
+            fn is_firmware(&self, name: &str) -> bool {
+                self.0.is_firmware(name)
+            }
+        }
+        let mut lib = Counting(library(), Default::default());
+        let mut b = book();
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        let obs = |name: &str, at, event| Observation {
+            client: ip,
+            name: name.into(),
+            protocol: "http",
+            at,
+            event,
+        };
+        let cfg = format!("SEP{MAC}.cnf.xml");
+        b.observe(
+            &obs(
+                &cfg,
+                0,
+                Event::Finished {
+                    bytes: 1,
+                    error: None,
+                },
+            ),
+            &lib,
+        );
+        for i in 1..10 {
+            b.observe(&obs("dialplan.xml", i, Event::NotFound), &lib);
+        }
+        assert_eq!(lib.1.get(), 1);
+        lib.0 .0.insert(
+            cfg.to_lowercase(),
+            b"<loadInformation>SIP41.9-5-1</loadInformation>".to_vec(),
+        );
+        b.observe(
+            &obs(
+                &cfg,
+                20,
+                Event::Finished {
+                    bytes: 1,
+                    error: None,
+                },
+            ),
+            &lib,
+        );
+        assert_eq!(b.report(20)[0].load.as_deref(), Some("SIP41.9-5-1"));
     }
 
     #[test]

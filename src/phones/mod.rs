@@ -239,14 +239,14 @@ impl Keeper {
                     // Reading configs and `.loads` is file I/O: off the async threads.
                     let _ = tokio::task::spawn_blocking(move || k.apply(&batch)).await;
                 }
-                _ = tick.tick() => keeper.clone().save().await,
+                _ = tick.tick() => keeper.clone().save(false).await,
                 _ = stopped(&mut stop) => break,
             }
         }
         while let Ok(o) = rx.try_recv() {
             keeper.apply(std::slice::from_ref(&o));
         }
-        keeper.save().await;
+        keeper.save(true).await;
     }
 
     fn apply(&self, batch: &[Observation]) {
@@ -256,8 +256,9 @@ impl Keeper {
         }
     }
 
-    /// Ends quiet boots, updates the metrics and writes the changes in one batch.
-    async fn save(self: Arc<Self>) {
+    /// Ends quiet boots, updates the metrics and writes the changes in one batch. sled makes a
+    /// batch durable within half a second by itself; `last` (at shutdown) waits for the disk.
+    async fn save(self: Arc<Self>, last: bool) {
         let now = now_millis();
         let (changed, gone, boots, summary) = {
             let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
@@ -266,7 +267,7 @@ impl Keeper {
             (changed, gone, book.take_finished_boots(), book.summary(now))
         };
         crate::metrics::global().phones_update(&summary, &boots);
-        if changed.is_empty() && gone.is_empty() {
+        if changed.is_empty() && gone.is_empty() && !last {
             return;
         }
         let tree = self.tree.clone();
@@ -282,7 +283,10 @@ impl Keeper {
                 b.remove(mac.as_bytes());
             }
             tree.apply_batch(b)?;
-            tree.flush().map(|_| ())
+            if last {
+                tree.flush()?;
+            }
+            Ok::<(), sled::Error>(())
         })
         .await;
         match written {
