@@ -15,13 +15,6 @@ use std::time::Duration;
 use admin_support::*;
 use support::*;
 
-/// Metric names the rules and the dashboard use that other work adds to the appliance
-/// (interface.md lists them): tolerated while absent from `/metrics`, and only these.
-const PENDING: [&str; 1] = [
-    // `branchtftp_upstream_up{upstream}`: the upstream health work (issue 10).
-    "branchtftp_upstream_up",
-];
-
 /// The alerts the fleet needs (issue 14).
 const ALERTS: [&str; 6] = [
     "BranchtftpDown",
@@ -334,16 +327,11 @@ async fn dashboard_and_rules_use_only_metrics_a_live_appliance_exports() {
         used.extend(names_in(e));
     }
     for name in &used {
-        let known = exported.contains(name)
-            || recorded.contains(name)
-            || (PENDING.contains(&name.as_str()) && !exported.contains(name));
+        let known = exported.contains(name) || recorded.contains(name);
         assert!(
             known,
             "{name} is used by deploy/ but not exported by the appliance"
         );
-        if PENDING.contains(&name.as_str()) && exported.contains(name) {
-            eprintln!("note: {name} is exported now; drop it from PENDING in tests/fleet.rs");
-        }
     }
     for wanted in [
         "branchtftp_requests_total",
