@@ -576,7 +576,7 @@ async fn phone_boot_survives_wan_outage() {
         };
         assert!(run.first_reply < limit, "{name}: {run:?}");
     }
-    // A name never seen before: ERROR 0 "upstream unreachable", at once.
+    // A name never seen before: ERROR 0 "temporarily unavailable", at once.
     let unknown = phone_get(
         branch.addr,
         "SEPDEADBEEF0001.cnf.xml",
