@@ -1,7 +1,7 @@
 //! The admin endpoint's rule for state-changing calls, with a real non-loopback peer: the admin
-//! endpoint listens on all addresses and curl connects to this machine's own global address
-//! (e.g. eth0's), so the appliance sees a peer address outside 127.0.0.0/8 and ::1, exactly as a
-//! management station's request would look. Reading (`/metrics`) stays open; `POST /sync` and
+//! endpoint listens on all addresses and curl runs in a network namespace the test creates,
+//! joined by a veth pair, so the appliance sees a peer address outside 127.0.0.0/8 and ::1,
+//! exactly as a management station's request would look. Reading (`/metrics`) stays open; `POST /sync` and
 //! the cache calls need the token from `admin.token_file`; loopback needs none.
 
 #[path = "admin_support/mod.rs"]
@@ -18,22 +18,52 @@ use support::*;
 
 const TOKEN: &str = "9f2c61e0b6a84d1f8e3b7a5c4d2e1f00";
 
-/// An IPv4 address of this machine outside loopback (`ip -4 addr show scope global`).
-fn global_ipv4() -> Ipv4Addr {
-    let out = Command::new("ip")
-        .args(["-4", "-o", "addr", "show", "scope", "global"])
-        .output()
-        .expect("run ip(8)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .and_then(|a| a.split('/').next()?.parse().ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "this test needs a non-loopback IPv4 address on the machine (ip -4 addr): {text}"
-            )
-        })
+/// A management station of the test's own: a network namespace joined to this one by a veth
+/// pair, so a request from it reaches the admin endpoint from a non-loopback address (`FAR`)
+/// without touching any real interface. Deleting the namespace removes the pair.
+struct Station {
+    netns: String,
+}
+
+const NEAR_SIDE: Ipv4Addr = Ipv4Addr::new(10, 213, 77, 1);
+const FAR: Ipv4Addr = Ipv4Addr::new(10, 213, 77, 2);
+
+impl Station {
+    fn start() -> Station {
+        let id = std::process::id();
+        let st = Station {
+            netns: format!("btadmin{id}"),
+        };
+        let (host, peer) = (format!("bth{id}"), format!("btp{id}"));
+        let ns = st.netns.as_str();
+        for args in [
+            vec!["netns", "add", ns],
+            vec!["link", "add", &host, "type", "veth", "peer", "name", &peer],
+            vec!["link", "set", &peer, "netns", ns],
+            vec!["addr", "add", "10.213.77.1/30", "dev", &host],
+            vec!["link", "set", &host, "up"],
+            vec!["-n", ns, "addr", "add", "10.213.77.2/30", "dev", &peer],
+            vec!["-n", ns, "link", "set", &peer, "up"],
+            vec!["-n", ns, "link", "set", "lo", "up"],
+        ] {
+            let out = Command::new("ip").args(&args).output().expect("run ip(8)");
+            assert!(out.status.success(), "ip {args:?}: {}", text(&out));
+        }
+        st
+    }
+
+    /// `curl` run inside the namespace, so its source address is `FAR`.
+    fn curl(&self, args: &[&str]) -> (u16, String) {
+        curl_via(&["ip", "netns", "exec", &self.netns], args)
+    }
+}
+
+impl Drop for Station {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
+    }
 }
 
 fn token_file(dir: &std::path::Path, mode: u32) -> std::path::PathBuf {
@@ -54,62 +84,77 @@ fn state_changes_from_a_non_loopback_peer_need_the_admin_token() {
         ..Options::default()
     };
     let b = AdminBranch::start(&opts);
-    let far = format!("http://{}:{}", global_ipv4(), b.admin.port());
+    let station = Station::start();
+    let far = format!("http://{NEAR_SIDE}:{}", b.admin.port());
     let near = format!("http://127.0.0.1:{}", b.admin.port());
     let bearer = format!("Authorization: Bearer {TOKEN}");
 
-    assert_eq!(curl(&["-s", "-X", "POST", &format!("{far}/sync")]).0, 403);
     assert_eq!(
-        curl(&[
-            "-s",
-            "-X",
-            "POST",
-            "-H",
-            "Authorization: Bearer wrong",
-            &format!("{far}/sync")
-        ])
-        .0,
+        station
+            .curl(&["-s", "-X", "POST", &format!("{far}/sync")])
+            .0,
         403
     );
     assert_eq!(
-        curl(&["-s", "-X", "DELETE", &format!("{far}/cache/kern.sbn")]).0,
+        station
+            .curl(&[
+                "-s",
+                "-X",
+                "POST",
+                "-H",
+                "Authorization: Bearer wrong",
+                &format!("{far}/sync")
+            ])
+            .0,
         403
     );
     assert_eq!(
-        curl(&["-s", "-X", "POST", &format!("{far}/cache/verify")]).0,
+        station
+            .curl(&["-s", "-X", "DELETE", &format!("{far}/cache/kern.sbn")])
+            .0,
         403
     );
     assert_eq!(
-        curl(&["-s", "-X", "POST", "-H", &bearer, &format!("{far}/sync")]).0,
+        station
+            .curl(&["-s", "-X", "POST", &format!("{far}/cache/verify")])
+            .0,
+        403
+    );
+    assert_eq!(
+        station
+            .curl(&["-s", "-X", "POST", "-H", &bearer, &format!("{far}/sync")])
+            .0,
         202
     );
     assert_eq!(
-        curl(&[
-            "-s",
-            "-X",
-            "POST",
-            "-H",
-            &bearer,
-            &format!("{far}/cache/verify")
-        ])
-        .0,
+        station
+            .curl(&[
+                "-s",
+                "-X",
+                "POST",
+                "-H",
+                &bearer,
+                &format!("{far}/cache/verify")
+            ])
+            .0,
         200
     );
     assert_eq!(
-        curl(&[
-            "-s",
-            "-X",
-            "DELETE",
-            "-H",
-            &bearer,
-            &format!("{far}/cache/kern.sbn")
-        ])
-        .0,
+        station
+            .curl(&[
+                "-s",
+                "-X",
+                "DELETE",
+                "-H",
+                &bearer,
+                &format!("{far}/cache/kern.sbn")
+            ])
+            .0,
         404,
         "with the token the call goes through (and finds nothing to evict)"
     );
     // Reading stays open: a fleet's Prometheus scrapes from afar without the token.
-    let (code, body) = curl(&["-s", &format!("{far}/metrics")]);
+    let (code, body) = station.curl(&["-s", &format!("{far}/metrics")]);
     assert_eq!(code, 200);
     assert!(body.contains("branchtftp_cache_files"));
     // Loopback needs no token.
@@ -117,8 +162,7 @@ fn state_changes_from_a_non_loopback_peer_need_the_admin_token() {
 
     let log = b.log();
     assert!(
-        log.contains("refused a state-changing request")
-            && log.contains(&global_ipv4().to_string()),
+        log.contains("refused a state-changing request") && log.contains(&FAR.to_string()),
         "refusals are logged with the peer address:\n{log}"
     );
     assert!(!log.contains(TOKEN), "the token never reaches the log");

@@ -50,12 +50,14 @@ command -v busybox >/dev/null || missing+=(busybox)
 command -v curl >/dev/null || missing+=(curl)
 # promtool and the server itself, for the fleet tests (tests/fleet.rs).
 command -v promtool >/dev/null || missing+=(prometheus)
+# ip(8), for the admin test's network namespace (tests/admin_auth.rs).
+command -v ip >/dev/null || missing+=(iproute2)
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_update_once
     log "installing ${missing[*]}"
     # Install the full set in one go: it is what peers.md documents and CI expects.
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        tftpd-hpa tftp-hpa atftp busybox curl prometheus >/dev/null
+        tftpd-hpa tftp-hpa atftp busybox curl prometheus iproute2 >/dev/null
 fi
 
 # --- 2. atftpd, unpacked (not installed) ------------------------------------------------------

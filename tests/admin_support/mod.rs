@@ -228,7 +228,16 @@ impl Drop for AdminBranch {
 
 /// Runs curl with `-w '\n%{http_code}'`: (status, body).
 pub fn curl(args: &[&str]) -> (u16, String) {
-    let out = Command::new("curl")
+    curl_via(&[], args)
+}
+
+/// `curl` started through `prefix` (e.g. `ip netns exec NS`): the status code and the body.
+pub fn curl_via(prefix: &[&str], args: &[&str]) -> (u16, String) {
+    let mut argv = prefix.to_vec();
+    argv.push("curl");
+    let mut cmd = Command::new(argv[0]);
+    cmd.args(&argv[1..]);
+    let out = cmd
         .args(["-m", "30", "-w", "\n%{http_code}"])
         .args(args)
         .output()
