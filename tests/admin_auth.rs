@@ -1,5 +1,5 @@
 //! The admin endpoint's rule for state-changing calls, with a real non-loopback peer: the admin
-//! endpoint listens on all addresses and curl runs in a network namespace the test creates,
+//! endpoint listens on the host side of a veth pair and curl runs in a network namespace the test creates,
 //! joined by a veth pair, so the appliance sees a peer address outside 127.0.0.0/8 and ::1,
 //! exactly as a management station's request would look. Reading (`/metrics`) stays open; `POST /sync` and
 //! the cache calls need the token from `admin.token_file`; loopback needs none.
@@ -77,16 +77,18 @@ fn token_file(dir: &std::path::Path, mode: u32) -> std::path::PathBuf {
 fn state_changes_from_a_non_loopback_peer_need_the_admin_token() {
     let origin = HttpOrigin::start();
     let secrets = tempfile::tempdir().unwrap();
+    // The station first: the admin endpoint listens on its side of the pair, nowhere else.
+    let station = Station::start();
     let opts = Options {
         upstream: origin.url(),
-        admin_ip: Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        admin_ip: Some(IpAddr::V4(NEAR_SIDE)),
         token_file: Some(token_file(secrets.path(), 0o600)),
         ..Options::default()
     };
     let b = AdminBranch::start(&opts);
-    let station = Station::start();
     let far = format!("http://{NEAR_SIDE}:{}", b.admin.port());
-    let near = format!("http://127.0.0.1:{}", b.admin.port());
+    // From this machine's own loopback address to the same endpoint.
+    let near = ["--interface", "127.0.0.1"];
     let bearer = format!("Authorization: Bearer {TOKEN}");
 
     assert_eq!(
@@ -158,7 +160,8 @@ fn state_changes_from_a_non_loopback_peer_need_the_admin_token() {
     assert_eq!(code, 200);
     assert!(body.contains("branchtftp_cache_files"));
     // Loopback needs no token.
-    assert_eq!(curl(&["-s", "-X", "POST", &format!("{near}/sync")]).0, 202);
+    let sync = format!("{far}/sync");
+    assert_eq!(curl(&[near[0], near[1], "-s", "-X", "POST", &sync]).0, 202);
 
     let log = b.log();
     assert!(
