@@ -1,8 +1,9 @@
-//! The admin endpoint's rule for state-changing calls, with a real non-loopback peer: the admin
-//! endpoint listens on the host side of a veth pair and curl runs in a network namespace the test creates,
-//! joined by a veth pair, so the appliance sees a peer address outside 127.0.0.0/8 and ::1,
-//! exactly as a management station's request would look. Reading (`/metrics`) stays open; `POST /sync` and
-//! the cache calls need the token from `admin.token_file`; loopback needs none.
+//! The admin endpoint's rule for state-changing calls, with a real non-loopback peer: the test
+//! creates a network namespace joined to this one by a veth pair, the admin endpoint listens on
+//! the host side, and curl runs inside the namespace, so the appliance sees a peer address outside
+//! 127.0.0.0/8 and ::1, exactly as a management station's request would look. Reading
+//! (`/metrics`) stays open; `POST /sync` and the cache calls need the token from
+//! `admin.token_file`; loopback needs none.
 
 #[path = "admin_support/mod.rs"]
 mod admin_support;
