@@ -129,10 +129,10 @@ async fn storm_through_a_hung_wan(upstream_url: String, hang: impl FnOnce()) {
         1,
         "twenty concurrent failures are one down-marking\n{m}"
     );
-    // Those started together time out together; the rest were failed over or skipped (a
-    // phone's RRQ resent just as its answer left may ask once more, and is skipped).
+    // Those started together time out together (all of them, when the storm starts at one
+    // instant); any later were failed over or skipped. Failing over a request that waits is
+    // proven on its own by `a_miss_waiting_on_a_hung_upstream_is_failed_over_when_another_marks_it_down`.
     let count = |r| metric_value(&m, "branchtftp_upstream_requests_total", &[("result", r)]);
-    assert!(count("failed_over") + count("skipped") > 0, "{m}");
     assert!(
         count("unreachable") + count("failed_over") + count("skipped") >= PHONES as u64,
         "{m}"
@@ -153,6 +153,52 @@ async fn twenty_boots_through_a_swallowing_udp_wan_cost_one_timeout_more() {
     let tftpd = TftpdHpa::start(root.path());
     let wan = WanRelay::udp(tftpd.addr, WanLink::new(Duration::from_millis(5)));
     storm_through_a_hung_wan(format!("tftp://{}", wan.addr()), || wan.blackhole()).await;
+}
+
+/// A miss that started after the first one, on the same hung upstream, is answered when the
+/// first marks it down, not after its own full timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_waiting_on_a_hung_upstream_is_failed_over_when_another_marks_it_down() {
+    let _one_at_a_time = STORMS.lock().await;
+    let origin = HttpOrigin::start();
+    let wan = WanRelay::tcp(origin.addr(), WanLink::new(Duration::from_millis(5)));
+    let files = boot_files(1);
+    let branch = Branch::start(
+        &format!(
+            "upstreams:\n  - url: http://{}\n    timeout: 3s\n    probe_interval: 2s\n",
+            wan.addr()
+        ),
+        &files,
+    );
+    wan.cut();
+    let addr = branch.addr();
+    let first = tokio::spawn(async move { phone_get(addr, "CTLSEP00112233AA01.tlv").await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = phone_get(addr, "CTLSEP00112233AA02.tlv").await;
+    let first = first.await.unwrap();
+    assert_eq!(first.result.unwrap_err(), 0, "first: unreachable");
+    assert!(
+        first.took >= Duration::from_millis(2500),
+        "first paid the timeout: {:?}",
+        first.took
+    );
+    assert_eq!(second.result.unwrap_err(), 0, "second: unreachable");
+    assert!(
+        second.took < Duration::from_millis(2500),
+        "the second waited {:?}: its own timeout (3 s) instead of failing over when the first \
+         marked the upstream down",
+        second.took
+    );
+    let m = branch.metrics().await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "branchtftp_upstream_requests_total",
+            &[("result", "failed_over")]
+        ),
+        1,
+        "{m}"
+    );
 }
 
 // --- recovery and flapping --------------------------------------------------------------------
