@@ -16,7 +16,6 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use support::*;
@@ -73,12 +72,7 @@ fn main() {
         free_tcp_port(),
         http_wan.addr()
     );
-    let branch = Branchtftp::serve_with(
-        root.path(),
-        &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-        Some(&yaml),
-        &[],
-    );
+    let branch = Branchtftp::serve_config(root.path(), &yaml);
     let out = scratch_dir();
     let dest = out.path().join("out.bin");
 

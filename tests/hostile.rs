@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -31,12 +31,7 @@ fn site(access: &str) -> Site {
         "log: info\ncache:\n  dir: {}\nhttp:\n  listen: []\nadmin:\n  listen: \"{admin}\"\naccess:\n  allow: [\"127.0.0.0/16\"]\n{access}",
         cache.path().display()
     );
-    let bt = Branchtftp::serve_with(
-        root.path(),
-        &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-        Some(&yaml),
-        &[],
-    );
+    let bt = Branchtftp::serve_config(root.path(), &yaml);
     Site {
         bt,
         admin,

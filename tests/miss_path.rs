@@ -8,7 +8,7 @@
 
 mod support;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -67,12 +67,7 @@ impl Branch {
         }
         let config = dir.path().join("branchtftp.yaml");
         std::fs::write(&config, &yaml).unwrap();
-        let bt = Branchtftp::serve_with(
-            root.path(),
-            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-            Some(&yaml),
-            &[],
-        );
+        let bt = Branchtftp::serve_config(root.path(), &yaml);
         Branch {
             addr: bt.addr,
             bt: Some(bt),

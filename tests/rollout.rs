@@ -12,21 +12,16 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use branchtftp::cache::{Cache, ClassRules};
 use branchtftp::config::{ClassWindows, SyncConfig, UpstreamConfig, WindowSpec};
 use branchtftp::name::FileName;
-use branchtftp::sync::{PassReport, Progress, Scope, Syncer, WallClock};
-use branchtftp::upstream::flight::{Fetcher, Served};
-use branchtftp::upstream::UpstreamChain;
+use branchtftp::sync::{Scope, WallClock};
+use branchtftp::upstream::flight::Served;
 use branchtftp::wan::{WanLink, WanRelay};
 use jiff::tz::TimeZone;
 use jiff::Zoned;
 
 use support::*;
 use sync_common::*;
-
-struct Quiet;
-impl Progress for Quiet {}
 
 /// A wall clock the test sets, in central European time (DST rules included).
 struct TestClock(Mutex<Zoned>);
@@ -55,45 +50,17 @@ impl WallClock for TestClock {
     }
 }
 
-struct Rig {
-    _dir: tempfile::TempDir,
-    cache: Cache,
-    fetcher: Arc<Fetcher>,
-    syncer: Arc<Syncer>,
-}
-
-fn rig(upstream: &str, clock: Arc<TestClock>, tune: impl FnOnce(&mut SyncConfig)) -> Rig {
-    let dir = tempfile::tempdir().unwrap();
-    let (cache, _) = Cache::open(dir.path(), 1 << 32, ClassRules::default()).unwrap();
-    let chain = UpstreamChain::new(&[UpstreamConfig {
-        url: upstream.to_string(),
-        timeout: Duration::from_secs(5),
-        ..UpstreamConfig::new(upstream)
-    }])
-    .unwrap();
-    let fetcher = Fetcher::new(cache.clone(), chain, Duration::from_secs(30));
+fn rig(upstream: &str, clock: Arc<TestClock>, tune: impl FnOnce(&mut SyncConfig)) -> SyncRig {
     let mut settings = SyncConfig {
         prefetch: vec!["XMLDefault.cnf.xml".into()],
         ..SyncConfig::default()
     };
     tune(&mut settings);
-    let syncer = Syncer::with_clock(fetcher.clone(), settings, clock);
-    Rig {
-        _dir: dir,
-        cache,
-        fetcher,
-        syncer,
-    }
-}
-
-impl Rig {
-    async fn pass(&self) -> PassReport {
-        self.syncer.pass(Scope::Full, &Quiet).await
-    }
-
-    fn entry(&self, name: &str) -> Option<branchtftp::cache::Entry> {
-        self.cache.get(FileName::parse(name).unwrap().key())
-    }
+    let upstream = UpstreamConfig {
+        timeout: Duration::from_secs(5),
+        ..UpstreamConfig::new(upstream)
+    };
+    SyncRig::new(&[upstream], 1 << 32, settings, clock)
 }
 
 fn window(at: &str, max_rate: Option<u64>) -> ClassWindows {

@@ -7,7 +7,6 @@ mod support;
 #[path = "../benches/storm/phones.rs"]
 mod phones;
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -22,12 +21,7 @@ async fn five_hundred_phones_booting_at_once_all_boot_intact() {
         "log: warn\ncache:\n  dir: {}\nhttp:\n  listen: []\nadmin:\n  listen: null\n",
         cache.path().display()
     );
-    let bt = Branchtftp::serve_with(
-        root.path(),
-        &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-        Some(&yaml),
-        &[],
-    );
+    let bt = Branchtftp::serve_config(root.path(), &yaml);
     let started = Instant::now();
     let boots = phones::storm(bt.addr, 500, Duration::from_secs(1)).await;
     let wall = started.elapsed();

@@ -10,60 +10,24 @@ mod sync_common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use branchtftp::cache::{Cache, ClassRules};
 use branchtftp::config::{SyncConfig, UpstreamConfig};
 use branchtftp::name::FileName;
-use branchtftp::sync::{PassReport, PassResult, Progress, Scope, Syncer};
-use branchtftp::upstream::flight::Fetcher;
-use branchtftp::upstream::UpstreamChain;
+use branchtftp::sync::{PassResult, SystemClock};
 
 use support::*;
 use sync_common::*;
 
-struct Quiet;
-impl Progress for Quiet {}
-
-struct Rig {
-    _dir: tempfile::TempDir,
-    cache: Cache,
-    syncer: Arc<Syncer>,
-}
-
-fn rig(upstream: &str, max_size: u64, tune: impl FnOnce(&mut SyncConfig)) -> Rig {
-    let dir = tempfile::tempdir().unwrap();
-    let (cache, _) = Cache::open(dir.path(), max_size, ClassRules::default()).unwrap();
-    let chain = UpstreamChain::new(&[UpstreamConfig {
-        url: upstream.to_string(),
-        timeout: Duration::from_secs(5),
-        ..UpstreamConfig::new(upstream)
-    }])
-    .unwrap();
-    let fetcher = Fetcher::new(cache.clone(), chain, Duration::from_secs(30));
+fn rig(upstream: &str, max_size: u64, tune: impl FnOnce(&mut SyncConfig)) -> SyncRig {
     let mut settings = SyncConfig {
         prefetch: Vec::new(),
         ..SyncConfig::default()
     };
     tune(&mut settings);
-    let syncer = Syncer::new(fetcher, settings);
-    Rig {
-        _dir: dir,
-        cache,
-        syncer,
-    }
-}
-
-impl Rig {
-    async fn pass(&self) -> PassReport {
-        self.syncer.pass(Scope::Full, &Quiet).await
-    }
-
-    fn content(&self, name: &str) -> Vec<u8> {
-        self.cache
-            .read_quiet(FileName::parse(name).unwrap().key())
-            .unwrap()
-            .unwrap()
-            .1
-    }
+    let upstream = UpstreamConfig {
+        timeout: Duration::from_secs(5),
+        ..UpstreamConfig::new(upstream)
+    };
+    SyncRig::new(&[upstream], max_size, settings, Arc::new(SystemClock))
 }
 
 fn planned_load(origin: &HttpOrigin, load: &str, images: &[(String, usize)]) {

@@ -9,68 +9,29 @@ mod sync_common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use branchtftp::cache::{Cache, ClassRules};
 use branchtftp::config::{ConfigsMode, SyncConfig, UpstreamConfig};
 use branchtftp::name::FileName;
-use branchtftp::sync::{PassResult, Progress, Scope, Syncer};
-use branchtftp::upstream::flight::{Fetcher, Served};
-use branchtftp::upstream::UpstreamChain;
+use branchtftp::sync::{PassResult, Scope, SystemClock};
+use branchtftp::upstream::flight::Served;
 
 use support::*;
 use sync_common::*;
 
-struct Quiet;
-impl Progress for Quiet {}
-
-struct Rig {
-    _dir: tempfile::TempDir,
-    cache: Cache,
-    fetcher: Arc<Fetcher>,
-    syncer: Arc<Syncer>,
-}
-
-fn rig(upstreams: &[String], tune: impl FnOnce(&mut SyncConfig)) -> Rig {
-    let dir = tempfile::tempdir().unwrap();
-    let (cache, _) = Cache::open(dir.path(), 1 << 32, ClassRules::default()).unwrap();
-    let chain = UpstreamChain::new(
-        &upstreams
-            .iter()
-            .map(|u| UpstreamConfig {
-                timeout: Duration::from_secs(2),
-                probe_interval: Duration::from_millis(300),
-                ..UpstreamConfig::new(u)
-            })
-            .collect::<Vec<_>>(),
-    )
-    .unwrap();
-    let fetcher = Fetcher::new(cache.clone(), chain, Duration::from_secs(30));
+fn rig(upstreams: &[String], tune: impl FnOnce(&mut SyncConfig)) -> SyncRig {
+    let upstreams: Vec<UpstreamConfig> = upstreams
+        .iter()
+        .map(|u| UpstreamConfig {
+            timeout: Duration::from_secs(2),
+            probe_interval: Duration::from_millis(300),
+            ..UpstreamConfig::new(u)
+        })
+        .collect();
     let mut settings = SyncConfig {
         prefetch: Vec::new(),
         ..SyncConfig::default()
     };
     tune(&mut settings);
-    let syncer = Syncer::new(fetcher.clone(), settings);
-    Rig {
-        _dir: dir,
-        cache,
-        fetcher,
-        syncer,
-    }
-}
-
-impl Rig {
-    fn phone_asked(&self, name: &str) {
-        self.syncer
-            .learn_from_phone(&FileName::parse(name).unwrap());
-    }
-
-    async fn pass(&self) -> branchtftp::sync::PassReport {
-        self.syncer.pass(Scope::Full, &Quiet).await
-    }
-
-    fn cached(&self, name: &str) -> bool {
-        self.cache.get(&name.to_lowercase()).is_some()
-    }
+    SyncRig::new(&upstreams, 1 << 32, settings, Arc::new(SystemClock))
 }
 
 fn configs(n: usize) -> Vec<(String, String)> {

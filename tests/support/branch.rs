@@ -50,12 +50,7 @@ impl Branch {
             .unwrap();
         assert!(import.status.success(), "cache import: {import:?}");
         let t = Instant::now();
-        let bt = Branchtftp::serve_with(
-            root.path(),
-            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-            Some(&yaml),
-            &[],
-        );
+        let bt = Branchtftp::serve_config(root.path(), &yaml);
         Branch {
             started_in: t.elapsed(),
             bt,

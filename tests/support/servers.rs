@@ -230,6 +230,16 @@ impl Branchtftp {
         Self::serve_with(root, ips, None, &[])
     }
 
+    /// `serve` on 127.0.0.1 with the given config file (YAML) and no extra arguments.
+    pub fn serve_config(root: &Path, config_yaml: &str) -> Self {
+        Self::serve_with(
+            root,
+            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            Some(config_yaml),
+            &[],
+        )
+    }
+
     /// As [`Branchtftp::serve_on`], with a config file of your own (YAML; default: an isolated
     /// one with the cache in a temporary directory, the phone HTTP front end off and the admin
     /// endpoint on a free port) and extra arguments after `serve`.

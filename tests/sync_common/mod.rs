@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use branchtftp::name::FileName;
+
 use crate::support::*;
 
 /// `branchtftp serve -c FILE` on a free loopback port, killed on drop.
@@ -349,4 +351,73 @@ pub fn publish_firmware(origin: &HttpOrigin, image_size: usize) -> Vec<(String, 
         }
     }
     files
+}
+
+/// A sync pass's progress, unreported.
+pub struct Quiet;
+impl branchtftp::sync::Progress for Quiet {}
+
+/// The library-level sync rig: a cache in a temporary directory, the fetcher over the given
+/// upstream chain (negative TTL 30 s) and a syncer reading `sync.windows` on `clock`.
+pub struct SyncRig {
+    _dir: tempfile::TempDir,
+    pub cache: branchtftp::cache::Cache,
+    pub fetcher: std::sync::Arc<branchtftp::upstream::flight::Fetcher>,
+    pub syncer: std::sync::Arc<branchtftp::sync::Syncer>,
+}
+
+impl SyncRig {
+    pub fn new(
+        upstreams: &[branchtftp::config::UpstreamConfig],
+        max_size: u64,
+        settings: branchtftp::config::SyncConfig,
+        clock: std::sync::Arc<dyn branchtftp::sync::WallClock>,
+    ) -> SyncRig {
+        use branchtftp::cache::{Cache, ClassRules};
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, _) = Cache::open(dir.path(), max_size, ClassRules::default()).unwrap();
+        let chain = branchtftp::upstream::UpstreamChain::new(upstreams).unwrap();
+        let fetcher = branchtftp::upstream::flight::Fetcher::new(
+            cache.clone(),
+            chain,
+            Duration::from_secs(30),
+        );
+        let syncer = branchtftp::sync::Syncer::with_clock(fetcher.clone(), settings, clock);
+        SyncRig {
+            _dir: dir,
+            cache,
+            fetcher,
+            syncer,
+        }
+    }
+
+    /// One full pass.
+    pub async fn pass(&self) -> branchtftp::sync::PassReport {
+        self.syncer
+            .pass(branchtftp::sync::Scope::Full, &Quiet)
+            .await
+    }
+
+    /// A phone asked for `name`: the syncer learns it.
+    pub fn phone_asked(&self, name: &str) {
+        self.syncer
+            .learn_from_phone(&FileName::parse(name).unwrap());
+    }
+
+    pub fn entry(&self, name: &str) -> Option<branchtftp::cache::Entry> {
+        self.cache.get(FileName::parse(name).unwrap().key())
+    }
+
+    pub fn cached(&self, name: &str) -> bool {
+        self.cache.get(&name.to_lowercase()).is_some()
+    }
+
+    /// The cached bytes of `name` (which must be cached).
+    pub fn content(&self, name: &str) -> Vec<u8> {
+        self.cache
+            .read_quiet(FileName::parse(name).unwrap().key())
+            .unwrap()
+            .unwrap()
+            .1
+    }
 }
