@@ -1,6 +1,8 @@
 //! The phones' HTTP front end (TCP 6970, as CUCM offers): `GET`/`HEAD /<name>` answered from
 //! the overrides, the cache, or the same single-flight miss path as TFTP. Names are handled
-//! exactly as for TFTP; there are no directory listings.
+//! exactly as for TFTP; there are no directory listings. Small files (boot storms are made of
+//! them) are answered whole from memory ([`super::hot`]) in one write; larger ones stream from
+//! disk through the blocking pool, misses from the upstream as they arrive.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
