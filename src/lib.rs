@@ -16,7 +16,7 @@
 //! | [`tftp::client`] | tokio driver for downloads, yielding bytes as they arrive |
 //! | [`net`] | binding UDP and TCP sockets (v6-only IPv6, buffer sizes) for every listener |
 //! | [`name`] | phone file names: normalization, case folding, rejection of escapes |
-//! | [`front`] | request → overrides/cache/miss; [`front::gate`] is admission (allow list, per-client and global limits, the queue, cheap slots for unproven TFTP clients); [`front::http`] is the phones' HTTP on 6970; [`front::conn`] the HTTP connection server (limits, timeouts, `TCP_NODELAY`) |
+//! | [`front`] | request → overrides/cache/miss; [`front::gate`] is admission (allow list, per-client and global limits, the queue, cheap slots for unproven TFTP clients); [`front::http`] is the phones' HTTP on 6970 ([`front::hot`]: its small cached files kept in memory); [`front::conn`] the HTTP connection server (limits, timeouts, `TCP_NODELAY`) |
 //! | [`overrides`] | the local overrides directory that wins over upstream copies, indexed and kept current by notify |
 //! | [`cache`] | the local store: sled index + plain files, atomic publish, recovery, quota, verify, import |
 //! | [`upstream`] | the ordered upstream chain (HTTP, TFTP), health and backoff; [`upstream::flight`] is the single-flight miss path |

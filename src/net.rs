@@ -58,6 +58,9 @@ pub fn bind_tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
     let sock = socket(addr, Type::STREAM, Protocol::TCP)?;
     sock.set_reuse_address(true)?;
     sock.bind(&addr.into())?;
-    sock.listen(1024)?;
+    // A boot storm opens thousands of connections within a second: a short backlog drops
+    // SYNs, and each dropped one costs its phone a 1 s retransmit (issue 12). The kernel caps
+    // this at net.core.somaxconn.
+    sock.listen(4096)?;
     tokio::net::TcpListener::from_std(sock.into())
 }

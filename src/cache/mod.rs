@@ -548,6 +548,25 @@ impl Cache {
         }))
     }
 
+    /// Counts a hit on `key` if its published content is still `sha256` (a front end's copy
+    /// in memory is current): `false` once the entry was replaced or removed.
+    pub fn hit_if_current(&self, key: &str, sha256: &str) -> bool {
+        let mut guard = self.inner.state();
+        let st = &mut *guard;
+        let Some(e) = st.entries.get_mut(key) else {
+            return false;
+        };
+        if e.sha256 != sha256 {
+            return false;
+        }
+        e.hits += 1;
+        e.last_used = now_millis();
+        if !st.dirty.contains(key) {
+            st.dirty.insert(key.to_string());
+        }
+        true
+    }
+
     /// Starts publishing `name`: a temp file under `dir/tmp/`. Nothing is visible until
     /// [`Publisher::commit`].
     pub fn publisher(&self, name: &FileName) -> Result<Publisher, CacheError> {

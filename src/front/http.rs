@@ -1,6 +1,8 @@
 //! The phones' HTTP front end (TCP 6970, as CUCM offers): `GET`/`HEAD /<name>` answered from
 //! the overrides, the cache, or the same single-flight miss path as TFTP. Names are handled
-//! exactly as for TFTP; there are no directory listings.
+//! exactly as for TFTP; there are no directory listings. Small files (boot storms are made of
+//! them) are answered whole from memory ([`super::hot`]) in one write; larger ones stream from
+//! disk through the blocking pool, misses from the upstream as they arrive.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,7 +15,8 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use tracing::info;
 
-use super::{FoundBody, Gate, Lookup, Refusal, Resolver};
+use super::hot::HotFiles;
+use super::{Found, FoundBody, Gate, Lookup, Refusal, Resolver};
 use crate::name::FileName;
 
 #[derive(Clone)]
@@ -66,7 +69,18 @@ fn disk_stream<K: Send + 'static>(
 }
 
 pub fn router(front: HttpFront) -> axum::Router {
-    axum::Router::new().fallback(serve_file).with_state(front)
+    let served = Served {
+        front,
+        hot: Arc::new(HotFiles::default()),
+    };
+    axum::Router::new().fallback(serve_file).with_state(served)
+}
+
+/// The handler's state: the front end and its in-memory copies of small cached files.
+#[derive(Clone)]
+struct Served {
+    front: HttpFront,
+    hot: Arc<HotFiles>,
 }
 
 fn plain(status: StatusCode, msg: &'static str) -> Response {
@@ -74,7 +88,7 @@ fn plain(status: StatusCode, msg: &'static str) -> Response {
 }
 
 async fn serve_file(
-    State(front): State<HttpFront>,
+    State(served): State<Served>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
@@ -102,7 +116,7 @@ async fn serve_file(
             return plain(StatusCode::FORBIDDEN, "forbidden\n");
         }
     };
-    let slot = match front.gate.admit(client.ip(), "http") {
+    let slot = match served.front.gate.admit(client.ip(), "http") {
         Ok(s) => s,
         Err(Refusal::Denied) => {
             metrics.request("http", "denied");
@@ -120,8 +134,8 @@ async fn serve_file(
                 .into_response();
         }
     };
-    let found = match front.resolver.find(&name).await {
-        Ok(f) => f,
+    let content = match find(&served, &name).await {
+        Ok(c) => c,
         Err(Lookup::NotFound) => {
             metrics.request("http", "not_found");
             crate::phones::unanswered(client.ip(), name.as_str(), "http", None);
@@ -143,61 +157,185 @@ async fn serve_file(
             return plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot serve the file\n");
         }
     };
+    let size = content.size();
     let mut resp = Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, content_type(name.as_str()));
-    if let Some(size) = found.size {
+    if let Some(size) = size {
         resp = resp.header(header::CONTENT_LENGTH, HeaderValue::from(size));
     }
-    let result = found.origin.result();
-    let source = found.origin.source().to_string();
+    let (result, source) = content.origin();
     if head {
         metrics.request("http", result);
         return resp.body(Body::empty()).unwrap();
     }
-    // The body streams straight from the cache file or the flight; the slot and the log line
-    // follow the body's life. A failing source ends the body with an error, which aborts the
-    // connection: a client never takes a truncated body for a whole one.
-    let started = Instant::now();
-    crate::phones::started(client.ip(), name.as_str(), "http", found.size);
-    let stream = match found.body {
-        FoundBody::Cached(f) => {
-            let f = *f;
-            let size = f.entry.size;
-            disk_stream(f.file, f.guard, size)
-        }
-        // An override's size is always known (read from its metadata when opened).
-        FoundBody::Local(f) => disk_stream(f, (), found.size.unwrap_or_default()),
-        FoundBody::Stream(r) => tokio_util::io::ReaderStream::with_capacity(r, CHUNK).boxed(),
-    };
-    let body = LoggedBody {
-        inner: stream,
+    // The slot and the log line follow the body's life. A failing source ends the body with an
+    // error, which aborts the connection: a client never takes a truncated body for a whole one.
+    crate::phones::started(client.ip(), name.as_str(), "http", size);
+    let delivery = Delivery {
         client,
         name: name.to_string(),
-        size: found.size,
+        size,
         result,
         source,
-        started,
+        started: Instant::now(),
         sent: 0,
         failed: false,
         _slot: slot,
     };
-    resp.body(Body::from_stream(body)).unwrap()
+    let body = match content {
+        // One buffer: hyper writes the headers and the whole body in one `writev`.
+        Content::Memory { body, .. } => Body::new(MemoryBody {
+            data: Some(body),
+            delivery,
+        }),
+        Content::Streamed(found) => {
+            let stream = match found.body {
+                FoundBody::Cached(f) => {
+                    let f = *f;
+                    let size = f.entry.size;
+                    disk_stream(f.file, f.guard, size)
+                }
+                // An override's size is always known (read from its metadata when opened).
+                FoundBody::Local(f) => disk_stream(f, (), found.size.unwrap_or_default()),
+                FoundBody::Stream(r) => {
+                    tokio_util::io::ReaderStream::with_capacity(r, CHUNK).boxed()
+                }
+            };
+            Body::from_stream(LoggedBody {
+                inner: stream,
+                delivery,
+            })
+        }
+    };
+    resp.body(body).unwrap()
 }
 
-/// The response body: counts bytes, and logs and counts the transfer when dropped (finished,
-/// failed or abandoned by the client).
-struct LoggedBody {
-    inner: futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>,
+/// What a request is answered with.
+enum Content {
+    /// A small file, whole in memory (a copy kept by [`HotFiles`], or a small override).
+    Memory {
+        body: bytes::Bytes,
+        source: Arc<str>,
+    },
+    /// Anything else streams from disk or from the upstream.
+    Streamed(Found),
+}
+
+impl Content {
+    fn size(&self) -> Option<u64> {
+        match self {
+            Content::Memory { body, .. } => Some(body.len() as u64),
+            Content::Streamed(f) => f.size,
+        }
+    }
+
+    /// The `result` label and the log's `source`.
+    fn origin(&self) -> (&'static str, Arc<str>) {
+        match self {
+            Content::Memory { source, .. } => ("hit", source.clone()),
+            Content::Streamed(f) => (f.origin.result(), Arc::from(f.origin.source())),
+        }
+    }
+}
+
+/// Finds `name`: an override wins; then a current in-memory copy of a small cached file; then
+/// the resolver (cache, upstream chain). A small cache hit or override is read whole here, on
+/// this thread, and a cache hit's copy kept for the next request.
+async fn find(served: &Served, name: &FileName) -> Result<Content, Lookup> {
+    let resolver = &served.front.resolver;
+    let overridden = resolver
+        .overrides
+        .as_ref()
+        .is_some_and(|o| o.resolve(name).is_some());
+    if !overridden {
+        if let Some(fetcher) = &resolver.fetcher {
+            if let Some(copy) = served.hot.get(fetcher.cache(), name.key()) {
+                return Ok(Content::Memory {
+                    body: copy.body,
+                    source: copy.source,
+                });
+            }
+        }
+    }
+    let Found { size, body, origin } = resolver.find(name).await?;
+    let small = size.is_some_and(|n| served.hot.wants(n));
+    let unreadable = |e: std::io::Error| Lookup::Failed(format!("cannot read {name}: {e}"));
+    match body {
+        FoundBody::Cached(file) if small => {
+            let copy = served.hot.load(*file).map_err(unreadable)?;
+            Ok(Content::Memory {
+                body: copy.body,
+                source: copy.source,
+            })
+        }
+        FoundBody::Local(file) if small => {
+            use std::io::Read;
+            let want = size.unwrap_or_default();
+            let mut buf = Vec::with_capacity(want as usize);
+            (&file)
+                .take(want)
+                .read_to_end(&mut buf)
+                .map_err(unreadable)?;
+            if buf.len() as u64 != want {
+                return Err(unreadable(std::io::Error::other(
+                    "file shorter than its size",
+                )));
+            }
+            Ok(Content::Memory {
+                body: buf.into(),
+                source: Arc::from(origin.source()),
+            })
+        }
+        body => Ok(Content::Streamed(Found { size, body, origin })),
+    }
+}
+
+/// The log line of one [`Delivery`], at a level of the caller's choosing.
+macro_rules! delivered {
+    ($d:ident, $level:ident, $msg:literal) => {
+        tracing::$level!(client = %$d.client, name = %$d.name, protocol = "http",
+            bytes = $d.sent, duration_ms = $d.started.elapsed().as_millis() as u64,
+            result = $d.result, source = %$d.source, $msg)
+    };
+}
+
+/// One response's accounting: bytes, the metrics, the phones view and the log line, settled
+/// when the body is dropped (finished, failed or abandoned by the client).
+struct Delivery {
     client: SocketAddr,
     name: String,
     size: Option<u64>,
     result: &'static str,
-    source: String,
+    source: Arc<str>,
     started: Instant,
     sent: u64,
     failed: bool,
     _slot: super::Slot,
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        let metrics = crate::metrics::global();
+        metrics.sent("http", self.sent);
+        let complete = !self.failed && self.size.is_none_or(|s| s == self.sent);
+        let error = (!complete).then(|| "connection closed before the end".to_string());
+        crate::phones::finished(self.client.ip(), &self.name, "http", self.sent, error);
+        metrics.request("http", if complete { self.result } else { "error" });
+        // A storm is thousands of hits a second: a line each would flood the journal and cost
+        // more than serving them (issue 12). Misses and failures stay at info.
+        match (complete, self.result) {
+            (true, "hit") => delivered!(self, debug, "transfer complete"),
+            (true, _) => delivered!(self, info, "transfer complete"),
+            (false, _) => delivered!(self, info, "transfer failed or cut short"),
+        }
+    }
+}
+
+/// A streamed response body (a large file from disk, or a miss from the upstream).
+struct LoggedBody {
+    inner: futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>,
+    delivery: Delivery,
 }
 
 impl futures::Stream for LoggedBody {
@@ -209,40 +347,56 @@ impl futures::Stream for LoggedBody {
     ) -> std::task::Poll<Option<Self::Item>> {
         let r = self.inner.poll_next_unpin(cx);
         match &r {
-            std::task::Poll::Ready(Some(Ok(b))) => self.sent += b.len() as u64,
-            std::task::Poll::Ready(Some(Err(_))) => self.failed = true,
+            std::task::Poll::Ready(Some(Ok(b))) => self.delivery.sent += b.len() as u64,
+            std::task::Poll::Ready(Some(Err(_))) => self.delivery.failed = true,
             _ => {}
         }
         r
     }
 }
 
-impl Drop for LoggedBody {
-    fn drop(&mut self) {
-        let metrics = crate::metrics::global();
-        metrics.sent("http", self.sent);
-        let complete = !self.failed && self.size.is_none_or(|s| s == self.sent);
-        let error = (!complete).then(|| "connection closed before the end".to_string());
-        crate::phones::finished(self.client.ip(), &self.name, "http", self.sent, error);
-        metrics.request("http", if complete { self.result } else { "error" });
-        let duration_ms = self.started.elapsed().as_millis() as u64;
-        if complete {
-            info!(client = %self.client, name = %self.name, protocol = "http", bytes = self.sent,
-                duration_ms, result = self.result, source = %self.source, "transfer complete");
-        } else {
-            info!(client = %self.client, name = %self.name, protocol = "http", bytes = self.sent,
-                duration_ms, result = self.result, source = %self.source, "transfer failed or cut short");
+/// A response body already in memory: one frame of known length.
+struct MemoryBody {
+    data: Option<bytes::Bytes>,
+    delivery: Delivery,
+}
+
+impl hyper::body::Body for MemoryBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        let data = self.data.take();
+        if let Some(d) = &data {
+            // Handed to the connection, which writes it before the next request or fails it.
+            self.delivery.sent += d.len() as u64;
         }
+        std::task::Poll::Ready(data.map(|d| Ok(hyper::body::Frame::data(d))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
     }
 }
 
 fn content_type(name: &str) -> &'static str {
-    let lower = name.to_ascii_lowercase();
-    if lower.ends_with(".xml") {
+    // Compared without allocating: this runs for every request.
+    let ends = |suffix: &str| {
+        name.len() >= suffix.len()
+            && name.as_bytes()[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+    };
+    if ends(".xml") {
         "text/xml"
-    } else if lower.ends_with(".txt") || lower.ends_with(".loads") {
+    } else if ends(".txt") || ends(".loads") {
         "text/plain"
-    } else if lower.ends_with(".png") {
+    } else if ends(".png") {
         "image/png"
     } else {
         "application/octet-stream"
@@ -266,4 +420,18 @@ fn percent_decode(path: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_type_ignores_letter_case_and_short_names() {
+        assert_eq!(content_type("SEP001122AABBCC.cnf.XML"), "text/xml");
+        assert_eq!(content_type("sip88xx.14-2-1.LOADS"), "text/plain");
+        assert_eq!(content_type("Desktops/320x212x12/a.png"), "image/png");
+        assert_eq!(content_type("xml"), "application/octet-stream");
+        assert_eq!(content_type(""), "application/octet-stream");
+    }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 pub mod conn;
 pub mod gate;
+pub mod hot;
 pub mod http;
 
 use futures::future::BoxFuture;
