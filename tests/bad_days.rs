@@ -426,7 +426,7 @@ impl Drop for Tftpd {
 }
 
 async fn fetch_text(chain: &UpstreamChain, name: &str) -> String {
-    match chain.fetch(name).await {
+    match chain.fetch(name, None).await {
         ChainAnswer::Found { mut body, .. } => {
             let mut out = Vec::new();
             while let Some(c) = body.stream.next().await {
@@ -434,7 +434,7 @@ async fn fetch_text(chain: &UpstreamChain, name: &str) -> String {
             }
             String::from_utf8(out).unwrap()
         }
-        ChainAnswer::NotFound => panic!("{name}: not found"),
+        ChainAnswer::NotFound | ChainAnswer::NotModified => panic!("{name}: not found"),
         ChainAnswer::Unreachable(why) => panic!("{name}: {why}"),
     }
 }

@@ -88,6 +88,12 @@ impl Publisher {
         self.written
     }
 
+    /// The sha256 of the bytes accepted so far, as the entry would record it (to tell a new
+    /// version from the one cached without publishing it).
+    pub fn sha256(&self) -> String {
+        hex::encode(self.hasher.clone().finalize())
+    }
+
     /// Writes a whole chunk (for async callers that hold chunks, not a `Write` adapter).
     pub fn write_chunk(&mut self, chunk: &[u8]) -> Result<(), CacheError> {
         self.write_all(chunk).map_err(CacheError::io(&self.tmp))

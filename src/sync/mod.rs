@@ -51,11 +51,9 @@ pub struct Syncer {
     fetcher: Arc<Fetcher>,
     settings: RwLock<SyncConfig>,
     known: Mutex<KnownNames>,
-    throttle: Throttle,
+    throttle: Arc<Throttle>,
     /// Parsed configs by content hash, so an unchanged config is not parsed every pass.
     memo: Mutex<HashMap<String, Arc<ConfigRefs>>>,
-    /// Names a config points at that no upstream had, until when to not ask again.
-    absent: Mutex<HashMap<String, Instant>>,
     /// The local wall clock `sync.windows` are read on.
     clock: Arc<dyn WallClock>,
     /// Firmware files (key, sha256) whose content was re-hashed to their recorded sha256.
@@ -79,12 +77,11 @@ impl Syncer {
         Arc::new(Syncer {
             clock,
             verified: Mutex::new(Default::default()),
-            throttle: Throttle::new(settings.max_rate),
+            throttle: Arc::new(Throttle::new(settings.max_rate)),
             settings: RwLock::new(settings),
             fetcher,
             known: Mutex::new(known),
             memo: Mutex::new(HashMap::new()),
-            absent: Mutex::new(HashMap::new()),
         })
     }
 
@@ -98,7 +95,6 @@ impl Syncer {
         self.throttle
             .set_rate(windows::Schedule::of(&settings).rate(&now, settings.max_rate));
         *self.settings.write().unwrap() = settings;
-        self.absent.lock().unwrap().clear();
     }
 
     pub fn settings(&self) -> SyncConfig {
