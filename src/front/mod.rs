@@ -4,6 +4,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 pub mod conn;
 pub mod gate;
@@ -71,6 +72,16 @@ pub struct Resolver {
 
 impl Resolver {
     pub async fn find(&self, name: &crate::name::FileName) -> Result<Found, Lookup> {
+        self.find_since(name, Instant::now()).await
+    }
+
+    /// [`find`](Self::find) for a request that arrived at `asked`: a miss is answered within one
+    /// upstream timeout of it, admission wait included.
+    pub async fn find_since(
+        &self,
+        name: &crate::name::FileName,
+        asked: Instant,
+    ) -> Result<Found, Lookup> {
         if let Some(o) = &self.overrides {
             match o.open(name) {
                 Ok(Some((file, size))) => {
@@ -87,7 +98,7 @@ impl Resolver {
         let Some(fetcher) = &self.fetcher else {
             return Err(Lookup::NotFound);
         };
-        match fetcher.open(name).await {
+        match fetcher.open(name, asked).await {
             Ok(Served::Hit(file)) => {
                 let source = file.entry.source.clone();
                 Ok(Found {
@@ -133,6 +144,7 @@ impl Source for TftpFront {
 
     fn open(&self, req: ReadRequest) -> BoxFuture<'_, Result<Content, OpenError>> {
         Box::pin(async move {
+            let asked = Instant::now();
             let metrics = crate::metrics::global();
             let slot = match self.gate.admit_queued(req.client.ip(), "tftp").await {
                 Ok(s) => s,
@@ -147,7 +159,7 @@ impl Source for TftpFront {
                     return Err(OpenError::Busy);
                 }
             };
-            match self.resolver.find(&req.name).await {
+            match self.resolver.find_since(&req.name, asked).await {
                 Ok(found) => {
                     crate::phones::started(req.client.ip(), req.name.as_str(), "tftp", found.size);
                     Ok(Content {

@@ -201,12 +201,19 @@ impl Fetcher {
             .forget(|asked| FileName::parse(asked).is_ok_and(|n| n.key() == key));
     }
 
-    /// A phone's request: a cached copy if there is one, else the shared upstream fetch for
-    /// this name, streamed as it arrives.
-    pub async fn open(self: &Arc<Self>, name: &FileName) -> Result<Served, MissError> {
+    /// A phone's request, asked at `asked`: a cached copy if there is one, else the shared
+    /// upstream fetch for this name, streamed as it arrives. The answer comes within one
+    /// upstream timeout of `asked` ([`UpstreamChain::miss_budget`]) whatever the upstreams do:
+    /// past it the phone hears "unreachable" while the flight goes on (to the next upstream,
+    /// into the cache) for its next request.
+    pub async fn open(
+        self: &Arc<Self>,
+        name: &FileName,
+        asked: Instant,
+    ) -> Result<Served, MissError> {
         // Flights and "not found" go by the exact name asked upstream (a case-sensitive
         // upstream may have one spelling and not another); the cache by the folded key.
-        let asked = name.as_str();
+        let deadline = asked + self.chain().miss_budget();
         // A phone that joined a revalidation finding the copy current reads that copy; if it
         // was evicted meanwhile, the second round fetches it.
         for _ in 0..2 {
@@ -214,14 +221,24 @@ impl Fetcher {
                 return Ok(Served::Hit(hit));
             }
             let ttl = *self.negative_ttl.read().unwrap();
-            if self.not_found_within(asked, ttl) {
+            if self.not_found_within(name.as_str(), ttl) {
                 return Err(MissError::NotFound);
             }
             let flight = match self.board(name, Ask::default(), true) {
                 Boarded::Cached(hit) => return Ok(Served::Hit(*hit)),
                 Boarded::Flight(f) => f,
             };
-            let (answer, rx) = answer_of(&flight).await?;
+            let answer = tokio::time::timeout_at(deadline.into(), answer_of(&flight)).await;
+            let (answer, rx) = match answer {
+                Ok(a) => a?,
+                Err(_) => {
+                    let why = format!(
+                        "no upstream answered within {}",
+                        humantime::format_duration(deadline - asked)
+                    );
+                    return Err(self.unreachable(name, why));
+                }
+            };
             return match answer {
                 Answer::Streaming { size, file, source } => Ok(Served::Miss(MissStream {
                     size,
@@ -230,27 +247,30 @@ impl Fetcher {
                 })),
                 Answer::NotModified => continue,
                 Answer::NotFound => Err(MissError::NotFound),
-                Answer::Unreachable(why) => {
-                    let known_missing = self
-                        .negative
-                        .lock()
-                        .unwrap()
-                        .known_missing(asked, Instant::now());
-                    if known_missing {
-                        // Stale if error, for a miss: the last answer the chain gave was "not
-                        // found"; a phone is better served by that than by an error it never saw.
-                        info!(name = %name, "not found when last asked; upstreams unreachable now");
-                        Err(MissError::NotFound)
-                    } else {
-                        Err(MissError::Unreachable(why))
-                    }
-                }
+                Answer::Unreachable(why) => Err(self.unreachable(name, why)),
                 Answer::Failed(m) => Err(MissError::Failed(m)),
             };
         }
         Err(MissError::Failed(
             "the cached copy vanished while it was revalidated".into(),
         ))
+    }
+
+    /// What a phone hears when no upstream could answer: "not found" if that was the chain's
+    /// last answer for the name (stale if error: a phone is better served by the answer it got
+    /// before than by an error it never saw), else "unreachable".
+    fn unreachable(&self, name: &FileName, why: String) -> MissError {
+        let known_missing = self
+            .negative
+            .lock()
+            .unwrap()
+            .known_missing(name.as_str(), Instant::now());
+        if known_missing {
+            info!(name = %name, "not found when last asked; upstreams unreachable now: {why}");
+            MissError::NotFound
+        } else {
+            MissError::Unreachable(why)
+        }
     }
 
     /// The sync worker's request: the whole file into the cache, through the flight of this

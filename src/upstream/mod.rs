@@ -410,6 +410,16 @@ impl UpstreamChain {
         self.upstreams.is_empty()
     }
 
+    /// The longest a phone's miss waits for the chain's answer: one upstream timeout (the
+    /// longest configured), however many upstreams hang one after the other.
+    pub fn miss_budget(&self) -> Duration {
+        self.upstreams
+            .iter()
+            .map(|u| u.timeout)
+            .max()
+            .unwrap_or(Duration::ZERO)
+    }
+
     /// Asks each upstream in order; those marked down are skipped at once. With a `cached`
     /// copy, the HTTP upstream it came from is asked conditionally with its validators.
     pub async fn fetch(&self, name: &str, cached: Option<&Entry>) -> ChainAnswer {
