@@ -16,9 +16,9 @@ use branchtftp::config::{ClassWindows, SyncConfig, UpstreamConfig, WindowSpec};
 use branchtftp::name::FileName;
 use branchtftp::sync::{Scope, WallClock};
 use branchtftp::upstream::flight::Served;
-use branchtftp::wan::{WanLink, WanRelay};
 use jiff::tz::TimeZone;
 use jiff::Zoned;
+use support::{WanLink, WanRelay};
 
 use support::*;
 use sync_common::*;

@@ -19,7 +19,7 @@ use crate::overrides::Overrides;
 use crate::tftp::server::{
     Body, Content, OpenError, Origin, ReadRequest, Source, Ticket, TransferReport,
 };
-use crate::upstream::flight::{Fetcher, MissError, Served};
+use crate::upstream::flight::{Fetcher, Served};
 
 /// Content found for a request, independent of the protocol that will carry it.
 pub struct Found {
@@ -56,13 +56,9 @@ impl FoundBody {
     }
 }
 
-/// Why a request gets no content.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Lookup {
-    NotFound,
-    Unreachable(String),
-    Failed(String),
-}
+/// Why a request gets no content: the miss path's own error (one type across the boundary;
+/// the alias keeps the HTTP handler's name for it).
+pub use crate::upstream::flight::MissError as Lookup;
 
 /// Where content comes from, in order: overrides, cache, upstream chain (single flight).
 pub struct Resolver {
@@ -98,8 +94,8 @@ impl Resolver {
         let Some(fetcher) = &self.fetcher else {
             return Err(Lookup::NotFound);
         };
-        match fetcher.open(name, asked).await {
-            Ok(Served::Hit(file)) => {
+        match fetcher.open(name, asked).await? {
+            Served::Hit(file) => {
                 let source = file.entry.source.clone();
                 Ok(Found {
                     size: Some(file.entry.size),
@@ -107,14 +103,11 @@ impl Resolver {
                     origin: Origin::Hit { source },
                 })
             }
-            Ok(Served::Miss(m)) => Ok(Found {
+            Served::Miss(m) => Ok(Found {
                 size: m.size,
                 body: FoundBody::Stream(m.reader),
                 origin: Origin::Miss { source: m.source },
             }),
-            Err(MissError::NotFound) => Err(Lookup::NotFound),
-            Err(MissError::Unreachable(why)) => Err(Lookup::Unreachable(why)),
-            Err(MissError::Failed(why)) => Err(Lookup::Failed(why)),
         }
     }
 }

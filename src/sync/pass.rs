@@ -2,13 +2,16 @@
 //! of the classes that are due, then discover what the current configs name (firmware loads and
 //! their images, locale files), fetch what is missing and pin the firmware in use.
 //!
-//! Revalidation asks the upstreams in chain order, as the miss path does: the upstream the
-//! cached copy came from gets a conditional GET with its validators (a 304 moves no body);
-//! otherwise the body is fetched and compared by sha256, and published (atomically, through
-//! the cache) only when it differs. Firmware names are versioned: once cached they are only
-//! checked for presence. A name every upstream answers "not found" for on `sync.remove_after`
-//! consecutive checks leaves the cache unless pinned; an unreachable or failing upstream resets
-//! that count, so a WAN outage never deletes anything.
+//! Every download and revalidation goes through the fetcher's single flight for the name
+//! ([`Fetcher::fetch`](crate::upstream::flight::Fetcher::fetch)), the same one a phone's miss
+//! uses, so a name is downloaded once whoever asked; the pass only passes its policy in (the
+//! cached copy to revalidate, the content checks a replacement must pass, `sync.max_rate`). The
+//! chain asks the upstream the cached copy came from conditionally with its validators (a 304
+//! moves no body); other answers are compared by sha256 and published only when they differ.
+//! Firmware names are versioned: once cached they are only checked for presence. A name every
+//! upstream answers "not found" for on `sync.remove_after` consecutive checks leaves the cache
+//! unless pinned; an unreachable or failing upstream resets that count, so a WAN outage never
+//! deletes anything.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

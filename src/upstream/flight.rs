@@ -146,6 +146,8 @@ pub struct Fetcher {
     /// The largest file a flight takes into the cache.
     max_file: u64,
     on_found: RwLock<Option<FoundHook>>,
+    /// Told each time a flight leaves the map (shutdown waits for the last).
+    landed: tokio::sync::Notify,
 }
 
 impl Fetcher {
@@ -158,6 +160,7 @@ impl Fetcher {
             negative: Mutex::new(NegativeCache::default()),
             negative_ttl: RwLock::new(negative_ttl),
             on_found: RwLock::new(None),
+            landed: tokio::sync::Notify::new(),
         })
     }
 
@@ -183,6 +186,20 @@ impl Fetcher {
     /// The largest file taken from an upstream (a quarter of `cache.max_size`).
     pub fn max_file(&self) -> u64 {
         self.max_file
+    }
+
+    /// Resolves when no flight is under way (at shutdown: the files being fetched land in the
+    /// cache, or fail, before the process exits).
+    pub async fn flights_landed(&self) {
+        loop {
+            let landed = self.landed.notified();
+            tokio::pin!(landed);
+            landed.as_mut().enable();
+            if self.flights.lock().unwrap().is_empty() {
+                return;
+            }
+            landed.await;
+        }
     }
 
     /// Whether every upstream answered "not found" for exactly `asked` within `ttl`.
@@ -395,6 +412,7 @@ impl Fetcher {
         if flights.get(&asked).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
             flights.remove(&asked);
         }
+        self.landed.notify_waiters();
     }
 
     async fn stream_into_cache(
