@@ -57,3 +57,24 @@ async fn appliance_starts_serves_reloads_and_shuts_down_joining_every_task() {
     std::net::UdpSocket::bind(addrs.tftp[0]).expect("TFTP port free after shutdown");
     std::net::TcpListener::bind(admin).expect("admin port free after shutdown");
 }
+
+/// Without upstreams a miss is "file not found" at once (a phone moves on past its absent CTL
+/// file), never "unavailable": there is no upstream timeout to wait out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_upstreams_a_miss_is_not_found_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = branchtftp::config::Config::default();
+    cfg.tftp.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    cfg.http.listen = vec![];
+    cfg.admin.listen = None;
+    cfg.cache.dir = dir.path().join("cache");
+    cfg.upstreams.clear();
+    let app = Appliance::start(cfg, Mode::Appliance, None).await.unwrap();
+    let addr = app.local_addrs().tftp[0];
+    for i in 0..20 {
+        let miss = phone_get(addr, &format!("CTLSEP00112233CC{i:02X}.tlv")).await;
+        assert_eq!(miss.result.unwrap_err(), 1, "file not found");
+        assert!(miss.took < Duration::from_millis(500), "{:?}", miss.took);
+    }
+    app.shutdown().await.unwrap();
+}

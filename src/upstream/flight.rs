@@ -230,7 +230,7 @@ impl Fetcher {
     ) -> Result<Served, MissError> {
         // Flights and "not found" go by the exact name asked upstream (a case-sensitive
         // upstream may have one spelling and not another); the cache by the folded key.
-        let deadline = asked + self.chain().miss_budget();
+        let budget = self.chain().miss_budget();
         // A phone that joined a revalidation finding the copy current reads that copy; if it
         // was evicted meanwhile, the second round fetches it.
         for _ in 0..2 {
@@ -245,13 +245,16 @@ impl Fetcher {
                 Boarded::Cached(hit) => return Ok(Served::Hit(*hit)),
                 Boarded::Flight(f) => f,
             };
-            let answer = tokio::time::timeout_at(deadline.into(), answer_of(&flight)).await;
+            let answer = match budget {
+                Some(b) => tokio::time::timeout_at((asked + b).into(), answer_of(&flight)).await,
+                None => Ok(answer_of(&flight).await),
+            };
             let (answer, rx) = match answer {
                 Ok(a) => a?,
                 Err(_) => {
                     let why = format!(
                         "no upstream answered within {}",
-                        humantime::format_duration(deadline - asked)
+                        humantime::format_duration(budget.unwrap_or_default())
                     );
                     return Err(self.unreachable(name, why));
                 }

@@ -411,13 +411,10 @@ impl UpstreamChain {
     }
 
     /// The longest a phone's miss waits for the chain's answer: one upstream timeout (the
-    /// longest configured), however many upstreams hang one after the other.
-    pub fn miss_budget(&self) -> Duration {
-        self.upstreams
-            .iter()
-            .map(|u| u.timeout)
-            .max()
-            .unwrap_or(Duration::ZERO)
+    /// longest configured), however many upstreams hang one after the other. `None` without
+    /// upstreams: the answer ("not found") is immediate.
+    pub fn miss_budget(&self) -> Option<Duration> {
+        self.upstreams.iter().map(|u| u.timeout).max()
     }
 
     /// Asks each upstream in order; those marked down are skipped at once. With a `cached`
