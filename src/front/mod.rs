@@ -136,8 +136,10 @@ impl Source for TftpFront {
     }
 
     fn open(&self, req: ReadRequest) -> BoxFuture<'_, Result<Content, OpenError>> {
+        // The moment the request was handed over, not when its future is first polled: the
+        // miss's one-timeout bound runs from here.
+        let asked = Instant::now();
         Box::pin(async move {
-            let asked = Instant::now();
             let metrics = crate::metrics::global();
             let slot = match self.gate.admit_queued(req.client.ip(), "tftp").await {
                 Ok(s) => s,
