@@ -20,25 +20,6 @@ use crate::front::Gate;
 use crate::upstream::flight::Fetcher;
 use crate::upstream::{UpstreamState, UpstreamStatus};
 
-/// What the sync worker exposes to the admin endpoint.
-pub trait SyncControl: Send + Sync {
-    fn status(&self) -> SyncStatus;
-    /// Starts a pass now (POST /sync).
-    fn trigger(&self);
-    /// Readiness of the firmware loads the branch knows.
-    fn loads(&self) -> Vec<crate::sync::LoadReadiness> {
-        Vec::new()
-    }
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SyncStatus {
-    /// Unix seconds.
-    pub last_pass: Option<u64>,
-    pub next_pass: Option<u64>,
-    pub last_result: Option<String>,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CacheStatus {
     pub files: u64,
@@ -58,7 +39,9 @@ pub struct Status {
     pub uptime_s: u64,
     pub cache: CacheStatus,
     pub upstreams: Vec<UpstreamStatus>,
-    pub sync: SyncStatus,
+    /// Absent from an appliance without a sync worker (a plain directory server).
+    #[serde(default)]
+    pub sync: Option<crate::sync::SyncStatus>,
     pub transfers: Transfers,
     /// Absent from an appliance that keeps no phones view.
     #[serde(default)]
@@ -73,7 +56,7 @@ pub struct AdminState {
     pub started: Instant,
     pub gate: Arc<Gate>,
     pub fetcher: Option<Arc<Fetcher>>,
-    pub sync: Option<Arc<dyn SyncControl>>,
+    pub sync: Option<crate::sync::SyncHandle>,
     pub phones: Option<crate::phones::PhonesView>,
     pub auth: Arc<auth::AdminAuth>,
     /// Set while a `POST /cache/verify` runs.
@@ -109,12 +92,16 @@ impl AdminState {
             uptime_s: self.started.elapsed().as_secs(),
             cache,
             upstreams,
-            sync: self.sync.as_ref().map(|s| s.status()).unwrap_or_default(),
+            sync: self.sync.as_ref().map(|s| s.status()),
             transfers: Transfers {
                 active: self.gate.active() as u64,
             },
             phones: self.phones.as_ref().map(|p| p.summary()),
-            loads: self.sync.as_ref().map(|s| s.loads()).unwrap_or_default(),
+            loads: self
+                .sync
+                .as_ref()
+                .map(|s| s.load_readiness())
+                .unwrap_or_default(),
         }
     }
 }
@@ -156,7 +143,11 @@ async fn metrics(State(st): State<AdminState>) -> Response {
         m.cache_max_bytes.set(f.cache().max_bytes() as i64);
     }
     if let Some(s) = &st.sync {
-        let loads: Vec<(String, bool)> = s.loads().into_iter().map(|l| (l.name, l.ready)).collect();
+        let loads: Vec<(String, bool)> = s
+            .load_readiness()
+            .into_iter()
+            .map(|l| (l.name, l.ready))
+            .collect();
         m.set_loads_ready(&loads);
     }
     // Current at every scrape, not as of the phones task's last tick.
@@ -307,9 +298,9 @@ pub fn render_status(st: &Status) -> String {
     let _ = writeln!(
         o,
         "sync       last {} ({}), next {}",
-        ago(now, st.sync.last_pass),
-        st.sync.last_result.as_deref().unwrap_or("-"),
-        ago(now, st.sync.next_pass)
+        ago(now, st.sync.as_ref().and_then(|s| s.last_pass)),
+        st.sync.as_ref().map_or("-", |s| s.last_result.as_str()),
+        ago(now, st.sync.as_ref().and_then(|s| s.next_pass))
     );
     let _ = writeln!(
         o,

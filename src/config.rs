@@ -10,10 +10,12 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 mod check;
+mod flags;
 mod positions;
 mod validate;
 
 pub use check::check_config;
+pub use flags::{ConfigSource, FlagsError, ServeFlags, ServeSetup};
 use positions::{LineCol, Positions};
 
 /// Where the packaged config lives; used when neither `-c` nor `$BRANCHTFTP_CONFIG` is given.

@@ -27,8 +27,10 @@ pub fn parse_tftp_url(url: &str) -> anyhow::Result<(SocketAddr, String)> {
     let (authority, name) = rest
         .split_once('/')
         .with_context(|| format!("{url}: no file name after the host"))?;
-    let authority = crate::tftp::client::with_default_port(authority);
-    let addr = authority
+    // The upstream URL parser: one grammar for `tftp://HOST[:PORT]` everywhere.
+    let target = crate::config::UpstreamUrl::parse(&format!("tftp://{authority}"))
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let addr = (target.host.as_str(), target.port)
         .to_socket_addrs()
         .with_context(|| format!("{url}: cannot resolve {authority}"))?
         .next()

@@ -19,18 +19,17 @@
 //! | [`front`] | request → overrides/cache/miss; [`front::gate`] is admission (allow list, per-client and global limits, the queue, cheap slots for unproven TFTP clients); [`front::http`] is the phones' HTTP on 6970 ([`front::hot`]: its small cached files kept in memory); [`front::conn`] the HTTP connection server (limits, timeouts, `TCP_NODELAY`) |
 //! | [`overrides`] | the local overrides directory that wins over upstream copies, indexed and kept current by notify |
 //! | [`cache`] | the local store: sled index + plain files, atomic publish, recovery, quota, verify, import |
-//! | [`upstream`] | the ordered upstream chain (HTTP, TFTP), health and backoff; [`upstream::flight`] is the single-flight miss path |
+//! | [`upstream`] | the ordered upstream chain (HTTP, TFTP), each upstream's health (circuit breaker, background probe), name resolution per request, the one "not found" memory; [`upstream::flight`] is the one way bytes come from upstream: a single flight per name for a phone's miss and the sync worker alike |
 //! | [`admin`] | `/healthz`, `/status`, `/metrics`, `/phones`, `POST /sync`, the running cache, the token rule; the `status` command |
 //! | [`phones`] | the per-phone boot view: observations from the front ends, boots, firmware progress, `branchtftp phones` |
 //! | [`metrics`] | the Prometheus registry every part counts into |
-//! | [`config`] | the YAML configuration: schema, defaults, validation with positions, `check-config` |
-//! | [`sync`] | the sync worker: known names, per-class revalidation, discovery (`.cnf.xml` → `.loads` → images), `sync --once` |
+//! | [`config`] | the YAML configuration: schema, defaults, validation with positions, `check-config`, `serve`'s flags laid over the file |
+//! | [`sync`] | the sync worker's policy: known names, what to revalidate when, discovery (`.cnf.xml` → `.loads` → images), pace and windows, `sync --once`; it fetches through [`upstream::flight`] |
 //! | [`reload`] | live reload of the config file (notify + SIGHUP) into the running appliance |
-//! | [`app`] | wiring and lifecycle of `serve`: start, signals, graceful stop |
-//! | [`demo`] | `branchtftp demo`: sample central server, simulated WAN, phones booting direct/cold/warm |
+//! | [`app`] | [`app::Appliance`]: wiring and lifecycle (start, reload, shutdown joining every task under one stop signal); `serve` runs it in the foreground |
+//! | [`demo`] | `branchtftp demo`: two appliances (a sample central server, the branch) across a small simulated TCP link, phones booting direct/cold/warm |
 //! | [`get`] | the `get` command: a TFTP/HTTP download with stats |
 //! | [`logging`] | journald or stderr, level from the config or `RUST_LOG` |
-//! | [`wan`] | a simulated WAN (delay, bandwidth cap, outage) for `demo`, tests and benchmarks |
 //! | [`manpage`] | the `branchtftp(1)` man page, generated from the CLI definition |
 
 pub mod admin;
@@ -51,4 +50,3 @@ pub mod reload;
 pub mod sync;
 pub mod tftp;
 pub mod upstream;
-pub mod wan;

@@ -235,43 +235,21 @@ fn main() -> ExitCode {
             cache_dir,
             root,
         } => (|| {
-            let located = Config::locate(config.as_deref());
-            let mut cfg = load_config(config.as_deref())?;
-            let plain =
-                root.is_some() && located.is_none() && upstream.is_empty() && cache_dir.is_none();
-            if let Some(root) = &root {
-                anyhow::ensure!(root.is_dir(), "--root {}: not a directory", root.display());
-            }
-            // The flags win over the file, now and at every reload.
-            let overlay = move |cfg: &mut branchtftp::config::Config| {
-                if !listen.is_empty() {
-                    cfg.tftp.listen = listen.clone();
-                }
-                if !upstream.is_empty() {
-                    cfg.upstreams = upstream
-                        .iter()
-                        .map(branchtftp::config::UpstreamConfig::new)
-                        .collect();
-                }
-                if let Some(dir) = &cache_dir {
-                    cfg.cache.dir = dir.clone();
-                }
-                if let Some(root) = &root {
-                    cfg.cache.overrides = root.clone();
-                }
+            let flags = branchtftp::config::ServeFlags {
+                config,
+                listen,
+                upstream,
+                cache_dir,
+                root,
             };
-            overlay(&mut cfg);
-            let source = located.map(|path| branchtftp::reload::ConfigSource {
-                path,
-                overlay: std::sync::Arc::new(overlay),
-            });
-            branchtftp::logging::init(cfg.log);
-            let mode = if plain {
+            let setup = flags.setup()?;
+            branchtftp::logging::init(setup.config.log);
+            let mode = if setup.plain {
                 branchtftp::app::Mode::PlainDirectory
             } else {
                 branchtftp::app::Mode::Appliance
             };
-            runtime()?.block_on(branchtftp::app::serve(cfg, mode, source))
+            runtime()?.block_on(branchtftp::app::serve(setup.config, mode, setup.source))
         })(),
         Command::Get {
             url,

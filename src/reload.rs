@@ -12,7 +12,8 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, ConfigError};
+use crate::config::Config;
+pub use crate::config::ConfigSource;
 use crate::front::Gate;
 use crate::sync::SyncHandle;
 use crate::upstream::flight::Fetcher;
@@ -21,30 +22,6 @@ use crate::upstream::UpstreamChain;
 /// Quiet time after the last change before the file is read (an editor's write, rename and
 /// chmod arrive as several events).
 pub const DEBOUNCE: Duration = Duration::from_millis(300);
-
-/// Where the running configuration came from: the file, and the command-line flags laid over
-/// it (`serve --listen/--upstream/--cache-dir/--root`), which a reload applies again.
-#[derive(Clone)]
-pub struct ConfigSource {
-    pub path: PathBuf,
-    pub overlay: Arc<dyn Fn(&mut Config) + Send + Sync>,
-}
-
-impl ConfigSource {
-    /// A file with nothing laid over it.
-    pub fn file(path: impl Into<PathBuf>) -> ConfigSource {
-        ConfigSource {
-            path: path.into(),
-            overlay: Arc::new(|_| {}),
-        }
-    }
-
-    pub fn load(&self) -> Result<Config, ConfigError> {
-        let mut cfg = Config::load(&self.path)?;
-        (self.overlay)(&mut cfg);
-        Ok(cfg)
-    }
-}
 
 /// What a reload updates in the running appliance.
 #[derive(Clone)]
@@ -58,6 +35,19 @@ pub struct Targets {
 pub struct Reloader {
     _watcher: Option<notify::RecommendedWatcher>,
     task: tokio::task::JoinHandle<()>,
+    /// The file and the running configuration, for a reload asked for directly.
+    now: Option<(ConfigSource, Arc<Mutex<Config>>, Targets)>,
+}
+
+impl Reloader {
+    /// Reads the file and applies it now, as on SIGHUP. `false` if it was not applied (an
+    /// invalid file, or no file: the embedded defaults).
+    pub fn reload(&self) -> bool {
+        match &self.now {
+            Some((source, current, targets)) => reload(source, current, targets),
+            None => false,
+        }
+    }
 }
 
 impl Drop for Reloader {
@@ -73,6 +63,7 @@ pub fn watch(source: Option<ConfigSource>, running: Config, targets: Targets) ->
         Some(s) => watch_file(s, running, targets),
         None => Reloader {
             _watcher: None,
+            now: None,
             task: tokio::spawn(async {
                 let Ok(mut hup) =
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -91,6 +82,7 @@ fn watch_file(source: ConfigSource, running: Config, targets: Targets) -> Reload
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let watcher = start_watcher(&source.path, tx.clone());
     let current = Arc::new(Mutex::new(running));
+    let now = Some((source.clone(), current.clone(), targets.clone()));
     let task = tokio::spawn(async move {
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         loop {
@@ -121,6 +113,7 @@ fn watch_file(source: ConfigSource, running: Config, targets: Targets) -> Reload
     Reloader {
         _watcher: watcher,
         task,
+        now,
     }
 }
 

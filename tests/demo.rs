@@ -37,6 +37,6 @@ fn demo_boots_phones_direct_cold_and_warm_and_prints_the_table() {
     );
     assert!(warm * 5.0 < direct, "warm {warm} s vs direct {direct} s");
     assert_eq!(warm_wan, "0 B", "a warm boot must not touch the WAN");
-    assert!(direct_wan.ends_with("MB"), "direct WAN bytes {direct_wan}");
+    assert!(direct_wan.ends_with("MiB"), "direct WAN bytes {direct_wan}");
     assert!(stdout.contains("matched the central server's sha256"));
 }

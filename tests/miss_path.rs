@@ -836,7 +836,11 @@ async fn open_and_read(
     use branchtftp::upstream::flight::Served;
     use tokio::io::AsyncReadExt;
     let name = branchtftp::name::FileName::parse(name).unwrap();
-    match fetcher.open(&name).await.map_err(|e| e.to_string())? {
+    match fetcher
+        .open(&name, std::time::Instant::now())
+        .await
+        .map_err(|e| e.to_string())?
+    {
         Served::Hit(_) => Err("unexpected hit".into()),
         Served::Miss(mut m) => {
             let mut out = Vec::new();

@@ -16,9 +16,9 @@ use branchtftp::config::{ClassWindows, SyncConfig, UpstreamConfig, WindowSpec};
 use branchtftp::name::FileName;
 use branchtftp::sync::{Scope, WallClock};
 use branchtftp::upstream::flight::Served;
-use branchtftp::wan::{WanLink, WanRelay};
 use jiff::tz::TimeZone;
 use jiff::Zoned;
+use support::{WanLink, WanRelay};
 
 use support::*;
 use sync_common::*;
@@ -94,7 +94,11 @@ async fn outside_the_firmware_window_only_a_phone_miss_fetches_firmware() {
     // A phone asks for an image at noon: served at once through the miss path.
     let wanted = models[1].stored[0];
     let started = Instant::now();
-    match r.fetcher.open(&FileName::parse(wanted).unwrap()).await {
+    match r
+        .fetcher
+        .open(&FileName::parse(wanted).unwrap(), std::time::Instant::now())
+        .await
+    {
         Ok(Served::Miss(mut m)) => {
             let mut buf = Vec::new();
             tokio::io::AsyncReadExt::read_to_end(&mut m.reader, &mut buf)

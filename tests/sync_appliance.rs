@@ -107,6 +107,51 @@ async fn firmware_is_cached_before_any_phone_asks_then_phones_boot_with_the_wan_
     );
 }
 
+/// The miss path and the sync worker are one path: a phone asking for an image the worker is
+/// downloading joins that download (one GET at the origin) and is not held to `sync.max_rate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phone_missing_on_an_image_the_sync_is_fetching_joins_that_one_download() {
+    const IMAGE: &str = "cnu45.9-4-2es26.sbn";
+    let body = pseudo_random_bytes(11, 1_000_000);
+    let origin = HttpOrigin::with_files([(IMAGE, body.clone())]);
+    // 1 Mbit/s: the worker alone takes eight seconds over the megabyte.
+    let app = Appliance::start(
+        &Setup::new(&origin.url())
+            .sync(&format!("prefetch: [{IMAGE}]"))
+            .sync("max_rate: 1Mbit/s"),
+    );
+    within(Duration::from_secs(10), || async {
+        origin.gets(IMAGE) == 1
+    })
+    .await
+    .unwrap_or_else(|| panic!("the worker never asked; log:\n{}", app.log_text()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!app.cached(IMAGE), "the paced download is still under way");
+
+    let out = scratch_dir();
+    let path = out.path().join(IMAGE);
+    let started = Instant::now();
+    tftp_hpa_get(app.addr, IMAGE, &path, TftpMode::Binary)
+        .await
+        .assert_intact(&sha256_bytes(&body));
+    let phone = started.elapsed();
+
+    assert_eq!(
+        origin.gets(IMAGE),
+        1,
+        "one download for the worker and the phone"
+    );
+    assert!(
+        phone < Duration::from_secs(4),
+        "the phone was held to the sync's pace: {phone:?}"
+    );
+    within(Duration::from_secs(5), || async { app.cached(IMAGE) })
+        .await
+        .unwrap_or_else(|| panic!("never published; log:\n{}", app.log_text()));
+    assert_eq!(app.cached_content(IMAGE).unwrap(), body);
+    assert_eq!(origin.gets(IMAGE), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_reload_changes_an_interval_and_the_access_list() {
     let origin = HttpOrigin::with_files([(SEP, phone_config(1))]);

@@ -231,7 +231,7 @@ async fn max_rate_paces_the_sync_but_never_a_phone_miss() {
     // Meanwhile a phone misses on another megabyte: not paced.
     let miss_started = Instant::now();
     let name = FileName::parse("phone-wants-this.bin").unwrap();
-    match r.fetcher.open(&name).await {
+    match r.fetcher.open(&name, Instant::now()).await {
         Ok(Served::Miss(mut m)) => {
             let mut buf = Vec::new();
             tokio::io::AsyncReadExt::read_to_end(&mut m.reader, &mut buf)

@@ -37,7 +37,6 @@ pub struct Publisher {
     file: Option<BufWriter<File>>,
     hasher: Sha256,
     written: u64,
-    fail_after: Option<u64>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -69,7 +68,6 @@ impl Publisher {
             file: Some(BufWriter::with_capacity(128 * 1024, file)),
             hasher: Sha256::new(),
             written: 0,
-            fail_after: None,
         })
     }
 
@@ -88,15 +86,15 @@ impl Publisher {
         self.written
     }
 
+    /// The sha256 of the bytes accepted so far, as the entry would record it (to tell a new
+    /// version from the one cached without publishing it).
+    pub fn sha256(&self) -> String {
+        hex::encode(self.hasher.clone().finalize())
+    }
+
     /// Writes a whole chunk (for async callers that hold chunks, not a `Write` adapter).
     pub fn write_chunk(&mut self, chunk: &[u8]) -> Result<(), CacheError> {
         self.write_all(chunk).map_err(CacheError::io(&self.tmp))
-    }
-
-    /// Test hook: behave like a disk that fills up after `bytes` (writes then fail with ENOSPC).
-    #[doc(hidden)]
-    pub fn fail_writes_after(&mut self, bytes: u64) {
-        self.fail_after = Some(bytes);
     }
 
     /// Makes the file visible under its name, replacing any previous version atomically.
@@ -137,16 +135,6 @@ impl Publisher {
 
 impl Write for Publisher {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut buf = buf;
-        if let Some(limit) = self.fail_after {
-            let room = limit.saturating_sub(self.written) as usize;
-            if room == 0 && !buf.is_empty() {
-                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
-            }
-            if buf.len() > room {
-                buf = &buf[..room];
-            }
-        }
         let file = self
             .file
             .as_mut()

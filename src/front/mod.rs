@@ -4,6 +4,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 pub mod conn;
 pub mod gate;
@@ -19,7 +20,7 @@ use crate::overrides::Overrides;
 use crate::tftp::server::{
     Body, Content, OpenError, Origin, ReadRequest, Source, Ticket, TransferReport,
 };
-use crate::upstream::flight::{Fetcher, MissError, Served};
+use crate::upstream::flight::{Fetcher, Served};
 
 /// Content found for a request, independent of the protocol that will carry it.
 pub struct Found {
@@ -56,13 +57,9 @@ impl FoundBody {
     }
 }
 
-/// Why a request gets no content.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Lookup {
-    NotFound,
-    Unreachable(String),
-    Failed(String),
-}
+/// Why a request gets no content: the miss path's own error (one type across the boundary;
+/// the alias keeps the HTTP handler's name for it).
+pub use crate::upstream::flight::MissError as Lookup;
 
 /// Where content comes from, in order: overrides, cache, upstream chain (single flight).
 pub struct Resolver {
@@ -72,6 +69,16 @@ pub struct Resolver {
 
 impl Resolver {
     pub async fn find(&self, name: &crate::name::FileName) -> Result<Found, Lookup> {
+        self.find_since(name, Instant::now()).await
+    }
+
+    /// [`find`](Self::find) for a request that arrived at `asked`: a miss is answered within one
+    /// upstream timeout of it, admission wait included.
+    pub async fn find_since(
+        &self,
+        name: &crate::name::FileName,
+        asked: Instant,
+    ) -> Result<Found, Lookup> {
         if let Some(o) = &self.overrides {
             match o.open(name) {
                 Ok(Some((file, size))) => {
@@ -88,8 +95,8 @@ impl Resolver {
         let Some(fetcher) = &self.fetcher else {
             return Err(Lookup::NotFound);
         };
-        match fetcher.open(name).await {
-            Ok(Served::Hit(file)) => {
+        match fetcher.open(name, asked).await? {
+            Served::Hit(file) => {
                 let source = file.entry.source.clone();
                 Ok(Found {
                     size: Some(file.entry.size),
@@ -97,14 +104,11 @@ impl Resolver {
                     origin: Origin::Hit { source },
                 })
             }
-            Ok(Served::Miss(m)) => Ok(Found {
+            Served::Miss(m) => Ok(Found {
                 size: m.size,
                 body: FoundBody::Stream(m.reader),
                 origin: Origin::Miss { source: m.source },
             }),
-            Err(MissError::NotFound) => Err(Lookup::NotFound),
-            Err(MissError::Unreachable(why)) => Err(Lookup::Unreachable(why)),
-            Err(MissError::Failed(why)) => Err(Lookup::Failed(why)),
         }
     }
 }
@@ -133,6 +137,9 @@ impl Source for TftpFront {
     }
 
     fn open(&self, req: ReadRequest) -> BoxFuture<'_, Result<Content, OpenError>> {
+        // The moment the request was handed over, not when its future is first polled: the
+        // miss's one-timeout bound runs from here.
+        let asked = Instant::now();
         Box::pin(async move {
             let metrics = crate::metrics::global();
             let slot = match self.gate.admit_queued(req.client.ip(), "tftp").await {
@@ -148,7 +155,7 @@ impl Source for TftpFront {
                     return Err(OpenError::Busy);
                 }
             };
-            match self.resolver.find(&req.name).await {
+            match self.resolver.find_since(&req.name, asked).await {
                 Ok(found) => {
                     crate::phones::started(req.client.ip(), req.name.as_str(), "tftp", found.size);
                     Ok(Content {

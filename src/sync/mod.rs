@@ -6,11 +6,13 @@
 //! revalidates each class on its own schedule (`sync.intervals`, ±10% jitter so a hundred
 //! branches do not hit the central server in the same second). After each pass it follows the
 //! current configs to their firmware and locale files ([`parse`]). It is just another user of
-//! the cache and the upstream chain: it publishes through the cache like the miss path, and
-//! its downloads are paced by `sync.max_rate` while misses are not.
+//! the cache and the upstream chain: it fetches through the same single flights as a phone's
+//! miss ([`crate::upstream::flight`]) and keeps only policy (what, when, how fast): its
+//! downloads are paced by `sync.max_rate` while no phone waits on them.
 //!
-//! [`SyncWorker::start`] runs it in the appliance and returns a [`SyncHandle`] for the admin
-//! endpoint (status, `POST /sync`) and for reloads; [`cli`] is `branchtftp sync --once`.
+//! [`SyncWorker::start`] runs it in the appliance under the appliance's stop signal and returns
+//! a [`SyncHandle`] (status, `POST /sync`, reloads; the admin page reads its [`SyncStatus`]) and
+//! the task to join; [`cli`] is `branchtftp sync --once`.
 
 pub mod cli;
 pub mod content;
@@ -51,11 +53,9 @@ pub struct Syncer {
     fetcher: Arc<Fetcher>,
     settings: RwLock<SyncConfig>,
     known: Mutex<KnownNames>,
-    throttle: Throttle,
+    throttle: Arc<Throttle>,
     /// Parsed configs by content hash, so an unchanged config is not parsed every pass.
     memo: Mutex<HashMap<String, Arc<ConfigRefs>>>,
-    /// Names a config points at that no upstream had, until when to not ask again.
-    absent: Mutex<HashMap<String, Instant>>,
     /// The local wall clock `sync.windows` are read on.
     clock: Arc<dyn WallClock>,
     /// Firmware files (key, sha256) whose content was re-hashed to their recorded sha256.
@@ -79,12 +79,11 @@ impl Syncer {
         Arc::new(Syncer {
             clock,
             verified: Mutex::new(Default::default()),
-            throttle: Throttle::new(settings.max_rate),
+            throttle: Arc::new(Throttle::new(settings.max_rate)),
             settings: RwLock::new(settings),
             fetcher,
             known: Mutex::new(known),
             memo: Mutex::new(HashMap::new()),
-            absent: Mutex::new(HashMap::new()),
         })
     }
 
@@ -98,7 +97,6 @@ impl Syncer {
         self.throttle
             .set_rate(windows::Schedule::of(&settings).rate(&now, settings.max_rate));
         *self.settings.write().unwrap() = settings;
-        self.absent.lock().unwrap().clear();
     }
 
     pub fn settings(&self) -> SyncConfig {
@@ -133,8 +131,8 @@ impl Syncer {
     }
 }
 
-/// What `/status` shows of the sync worker.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// What `/status` shows of the sync worker (the admin page serialises it as is).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SyncStatus {
     /// Unix seconds when the last pass ended.
     pub last_pass: Option<u64>,
@@ -143,8 +141,10 @@ pub struct SyncStatus {
     /// `ok`, `partial`, `unreachable`, `no-upstreams`; `never` before the first pass.
     pub last_result: String,
     /// Whether a pass is running now.
+    #[serde(default)]
     pub running: bool,
     /// Names kept fresh.
+    #[serde(default)]
     pub known_names: usize,
 }
 
@@ -154,8 +154,6 @@ struct StatusState {
     next_pass: Option<u64>,
     last_result: Option<PassResult>,
     running: bool,
-    passes: HashMap<&'static str, u64>,
-    last_report: Option<PassReport>,
 }
 
 struct WorkerState {
@@ -194,18 +192,9 @@ impl SyncHandle {
         self.state.wake.notify_one();
     }
 
-    /// Passes so far by result, every result listed (`branchtftp_sync_passes_total{result}`).
-    pub fn passes(&self) -> Vec<(&'static str, u64)> {
-        let s = self.state.status.lock().unwrap();
-        PassResult::ALL
-            .iter()
-            .map(|r| (r.as_str(), s.passes.get(r.as_str()).copied().unwrap_or(0)))
-            .collect()
-    }
-
-    /// The report of the last pass.
-    pub fn last_report(&self) -> Option<PassReport> {
-        self.state.status.lock().unwrap().last_report.clone()
+    /// Readiness of the firmware loads the branch knows (`/status`, `/metrics`).
+    pub fn load_readiness(&self) -> Vec<LoadReadiness> {
+        self.syncer.load_readiness()
     }
 
     /// Applies a reloaded `sync` section; schedules follow the new intervals at once.
@@ -214,10 +203,6 @@ impl SyncHandle {
         self.state.rescheduled.store(true, Ordering::SeqCst);
         self.state.wake.notify_one();
     }
-
-    pub fn syncer(&self) -> &Arc<Syncer> {
-        &self.syncer
-    }
 }
 
 /// Starts the background worker.
@@ -225,8 +210,13 @@ pub struct SyncWorker;
 
 impl SyncWorker {
     /// Starts the worker on the current tokio runtime: a full pass now, then each class on its
-    /// interval. Registers with the fetcher to learn the names phones fetch.
-    pub fn start(fetcher: Arc<Fetcher>, settings: SyncConfig) -> SyncHandle {
+    /// interval, until `stop` turns true (the known names are saved then). Registers with the
+    /// fetcher to learn the names phones fetch. The task ends after `stop`.
+    pub fn start(
+        fetcher: Arc<Fetcher>,
+        settings: SyncConfig,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> (SyncHandle, tokio::task::JoinHandle<()>) {
         let syncer = Syncer::new(fetcher.clone(), settings);
         let state = Arc::new(WorkerState {
             status: Mutex::new(StatusState::default()),
@@ -250,8 +240,15 @@ impl SyncWorker {
             }));
         }
         let handle = SyncHandle { syncer, state };
-        tokio::spawn(run(handle.clone()));
-        handle
+        let worker = handle.clone();
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                _ = run(worker.clone()) => {}
+                _ = stop.wait_for(|stop| *stop) => {}
+            }
+            worker.syncer.save_known();
+        });
+        (handle, task)
     }
 }
 
@@ -319,9 +316,7 @@ async fn run(h: SyncHandle) {
             st.running = false;
             st.last_pass = Some(unix_secs(SystemTime::now()));
             st.last_result = Some(report.result);
-            *st.passes.entry(report.result.as_str()).or_insert(0) += 1;
             crate::metrics::global().sync_pass(report.result.as_str());
-            st.last_report = Some(report);
         } else if discover {
             let report = h.syncer.pass(Scope::DiscoverOnly, &LogProgress).await;
             if report.total().fetched > 0 {
@@ -401,24 +396,5 @@ fn log_report(r: &PassReport, classes: &[FileClass]) {
                 warn!("sync: {p}");
             }
         }
-    }
-}
-
-impl crate::admin::SyncControl for SyncHandle {
-    fn status(&self) -> crate::admin::SyncStatus {
-        let s = SyncHandle::status(self);
-        crate::admin::SyncStatus {
-            last_pass: s.last_pass,
-            next_pass: s.next_pass,
-            last_result: Some(s.last_result),
-        }
-    }
-
-    fn trigger(&self) {
-        SyncHandle::trigger(self)
-    }
-
-    fn loads(&self) -> Vec<LoadReadiness> {
-        self.syncer.load_readiness()
     }
 }

@@ -2,13 +2,16 @@
 //! of the classes that are due, then discover what the current configs name (firmware loads and
 //! their images, locale files), fetch what is missing and pin the firmware in use.
 //!
-//! Revalidation asks the upstreams in chain order, as the miss path does: the upstream the
-//! cached copy came from gets a conditional GET with its validators (a 304 moves no body);
-//! otherwise the body is fetched and compared by sha256, and published (atomically, through
-//! the cache) only when it differs. Firmware names are versioned: once cached they are only
-//! checked for presence. A name every upstream answers "not found" for on `sync.remove_after`
-//! consecutive checks leaves the cache unless pinned; an unreachable or failing upstream resets
-//! that count, so a WAN outage never deletes anything.
+//! Every download and revalidation goes through the fetcher's single flight for the name
+//! ([`Fetcher::fetch`](crate::upstream::flight::Fetcher::fetch)), the same one a phone's miss
+//! uses, so a name is downloaded once whoever asked; the pass only passes its policy in (the
+//! cached copy to revalidate, the content checks a replacement must pass, `sync.max_rate`). The
+//! chain asks the upstream the cached copy came from conditionally with its validators (a 304
+//! moves no body); other answers are compared by sha256 and published only when they differ.
+//! Firmware names are versioned: once cached they are only checked for presence. A name every
+//! upstream answers "not found" for on `sync.remove_after` consecutive checks leaves the cache
+//! unless pinned; an unreachable or failing upstream resets that count, so a WAN outage never
+//! deletes anything.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,15 +19,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
-use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
 use super::known::Reason;
 use super::parse::{self, ConfigRefs};
 use super::Syncer;
-use crate::cache::{now_millis, Entry, FileClass, PublishMeta};
+use crate::cache::{now_millis, Entry, FileClass};
 use crate::config::ConfigsMode;
 use crate::name::FileName;
+use crate::upstream::flight::{Ask, Fetched, MissError, Vet};
 use crate::upstream::{Answer, Body, FetchError, Upstream};
 
 /// Requests in flight at once during revalidation (one connection each to an HTTP upstream).
@@ -237,7 +240,7 @@ impl PassReport {
 
 /// State shared by the tasks of one pass.
 pub(super) struct Ctx<'a> {
-    central: Option<String>,
+    central: Option<Arc<Upstream>>,
     central_unreachable: AtomicBool,
     wan_bytes: AtomicU64,
     requests: AtomicU64,
@@ -268,21 +271,19 @@ impl Ctx<'_> {
         }
     }
 
-    fn unreachable(&self, up: &Upstream, why: &str) -> String {
-        if Some(&up.url) == self.central.as_ref() {
+    fn unreachable(&self, up: &Upstream) {
+        if self.central.as_ref().is_some_and(|c| c.url == up.url) {
             self.central_unreachable.store(true, Ordering::Relaxed);
         }
-        format!("{}: {why}", up.url)
     }
-}
 
-/// One upstream's answer in a chain walk.
-enum Walk {
-    Done(Outcome),
-    /// Nobody had it; `problems` is empty when every upstream said "not found".
-    Absent {
-        problems: Vec<String>,
-    },
+    /// A fetch's transport failure marks its upstream down: notes whether that was the central
+    /// server (the pass then ends `unreachable`).
+    fn note_central(&self) {
+        if self.central.as_ref().is_some_and(|c| c.is_down()) {
+            self.central_unreachable.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Syncer {
@@ -323,7 +324,7 @@ impl Syncer {
         report.held = held;
         self.sync_prefetch(&settings.prefetch);
         let mut ctx = Ctx {
-            central: chain.upstreams().first().map(|u| u.url.clone()),
+            central: chain.central().cloned(),
             central_unreachable: AtomicBool::new(false),
             wan_bytes: AtomicU64::new(0),
             requests: AtomicU64::new(0),
@@ -426,7 +427,7 @@ impl Syncer {
         let mut body = None;
         for up in chain.upstreams().iter().filter(|u| u.is_http()) {
             if up.is_down() {
-                ctx.unreachable(up, "down");
+                ctx.unreachable(up);
                 continue;
             }
             ctx.requests.fetch_add(1, Ordering::Relaxed);
@@ -439,9 +440,7 @@ impl Syncer {
                     Err(e) => debug!(upstream = %up.url, "sync: {LIST}: {e}"),
                 },
                 Ok(Answer::NotFound | Answer::NotModified) => continue,
-                Err(FetchError::Unreachable(why)) => {
-                    ctx.unreachable(up, &why);
-                }
+                Err(FetchError::Unreachable(_)) => ctx.unreachable(up),
                 Err(e) => debug!(upstream = %up.url, "sync: {LIST}: {e}"),
             }
         }
@@ -522,13 +521,14 @@ impl Syncer {
             }
         }
         let spelling = entry.as_ref().map_or(name, |e| e.name.as_str());
-        let outcome = match self.walk(spelling, entry.as_ref(), ctx).await {
-            Walk::Done(o) => o,
-            Walk::Absent { problems } if problems.is_empty() => {
-                let removed = self.count_absent(key, settings.remove_after);
-                Outcome::NotFound { removed }
-            }
-            Walk::Absent { problems } => Outcome::Unreachable(problems.join("; ")),
+        let Ok(fname) = FileName::parse(spelling) else {
+            return Some(Outcome::Failed("not a valid file name".into()));
+        };
+        let outcome = match self.fetch(&fname, entry, ctx).await {
+            Outcome::NotFound { .. } => Outcome::NotFound {
+                removed: self.count_absent(key, settings.remove_after),
+            },
+            o => o,
         };
         let mut known = self.known.lock().unwrap();
         match &outcome {
@@ -614,127 +614,37 @@ impl Syncer {
         removed
     }
 
-    /// Asks the upstreams in chain order, conditionally where the cached copy came from that
-    /// upstream with validators, and stores what is new.
-    async fn walk(&self, name: &str, entry: Option<&Entry>, ctx: &Ctx<'_>) -> Walk {
-        let Ok(fname) = FileName::parse(name) else {
-            return Walk::Done(Outcome::Failed("not a valid file name".into()));
-        };
-        let chain = self.fetcher.chain();
-        let mut problems = Vec::new();
-        for up in chain.upstreams() {
-            if up.is_down() {
-                problems.push(ctx.unreachable(up, "down (backing off)"));
-                continue;
-            }
-            let known = entry.filter(|e| {
-                up.is_http()
-                    && e.source == up.url
-                    && (e.validators.etag.is_some() || e.validators.last_modified.is_some())
-            });
-            // RFC 9110 §13.1.3: If-None-Match makes a server ignore If-Modified-Since, so
-            // with an ETag the date would only cost bytes on every revalidation.
-            let conditional = known.map(|e| match &e.validators.etag {
-                Some(etag) => crate::cache::Validators {
-                    etag: Some(etag.clone()),
-                    last_modified: None,
-                    upstream_size: None,
-                },
-                None => e.validators.clone(),
-            });
-            ctx.requests.fetch_add(1, Ordering::Relaxed);
-            match up.fetch(name, conditional.as_ref()).await {
-                Ok(Answer::NotModified) => {
-                    let e = entry.expect("conditional only with an entry");
-                    self.fetcher
-                        .cache()
-                        .note_validated(fname.key(), e.validators.clone());
-                    return Walk::Done(Outcome::Unchanged);
-                }
-                Ok(Answer::NotFound) => continue,
-                Ok(Answer::Found(body)) => {
-                    return Walk::Done(self.store(&fname, &up.url, body, entry, ctx).await)
-                }
-                Err(FetchError::Unreachable(why)) => problems.push(ctx.unreachable(up, &why)),
-                Err(e) => problems.push(format!("{}: {e}", up.url)),
-            }
-        }
-        Walk::Absent { problems }
-    }
-
-    /// Receives a body (paced by `sync.max_rate`) into a cache publisher; publishes it unless
-    /// it is the content already cached.
-    async fn store(
-        &self,
-        name: &FileName,
-        source: &str,
-        mut body: Body,
-        old: Option<&Entry>,
-        ctx: &Ctx<'_>,
-    ) -> Outcome {
-        let cache = self.fetcher.cache();
-        let max_file = self.fetcher.max_file();
-        if body.size.is_some_and(|s| s > max_file) {
-            return Outcome::Failed(format!("over the {max_file}-byte file limit; not cached"));
-        }
-        let mut publisher = match cache.publisher(name) {
-            Ok(p) => p,
-            Err(e) => return Outcome::Failed(e.to_string()),
-        };
-        let mut hasher = Sha256::new();
-        while let Some(chunk) = body.stream.next().await {
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => return Outcome::Failed(e.to_string()),
-            };
-            if publisher.written() + chunk.len() as u64 > max_file {
-                return Outcome::Failed(format!("over the {max_file}-byte file limit; not cached"));
-            }
-            ctx.wan_bytes
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            hasher.update(&chunk);
-            if let Err(e) = publisher.write_chunk(&chunk) {
-                return Outcome::Failed(e.to_string());
-            }
-            self.throttle.consume(chunk.len()).await;
-        }
-        let written = publisher.written();
-        if body.size.is_some_and(|s| s != written) {
-            return Outcome::Failed(format!(
-                "upstream sent {written} of the {} bytes it announced",
-                body.size.unwrap_or(0)
-            ));
-        }
-        let sha = hex::encode(hasher.finalize());
-        if let Some(old) = old {
-            if old.sha256 == sha && old.size == written {
-                publisher.abort();
-                cache.note_validated(name.key(), body.validators);
-                return Outcome::Unchanged;
-            }
-        }
-        if old.is_some() {
+    /// Fetches `name` through the fetcher's flight for it (a phone's, if one is under way,
+    /// so one name is downloaded once whoever asked), with this pass's policy: the cached copy
+    /// to revalidate, the content checks a replacement must pass, and `sync.max_rate`.
+    async fn fetch(&self, name: &FileName, cached: Option<Entry>, ctx: &Ctx<'_>) -> Outcome {
+        ctx.requests.fetch_add(1, Ordering::Relaxed);
+        let ask = Ask {
             // A proxy's 200 error page must not replace a good trust list or config.
-            if let Err(why) = super::content::check_replacement(&mut publisher) {
-                warn!(name = %name, upstream = source, "sync: update refused, old version kept: {why}");
-                return Outcome::Failed(format!("update refused, old version kept: {why}"));
-            }
-        }
-        let meta = PublishMeta {
-            source: source.to_string(),
-            validators: body.validators,
-            expected_size: body.size,
+            vet: cached
+                .is_some()
+                .then(|| Arc::new(super::content::check_replacement) as Vet),
+            cached,
+            pace: Some(self.throttle.clone()),
         };
-        match tokio::task::spawn_blocking(move || publisher.commit(meta)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Outcome::Failed(e.to_string()),
-            Err(e) => return Outcome::Failed(e.to_string()),
-        }
-        self.fetcher.forget_negative(name.key());
-        if old.is_some() {
-            Outcome::Updated { bytes: written }
-        } else {
-            Outcome::Fetched { bytes: written }
+        let result = self.fetcher.fetch(name, ask).await;
+        ctx.note_central();
+        match result {
+            Ok(Fetched::Stored { bytes, replaced }) => {
+                ctx.wan_bytes.fetch_add(bytes, Ordering::Relaxed);
+                if replaced {
+                    Outcome::Updated { bytes }
+                } else {
+                    Outcome::Fetched { bytes }
+                }
+            }
+            Ok(Fetched::Unchanged { received }) => {
+                ctx.wan_bytes.fetch_add(received, Ordering::Relaxed);
+                Outcome::Unchanged
+            }
+            Err(MissError::NotFound) => Outcome::NotFound { removed: false },
+            Err(MissError::Unreachable(why)) => Outcome::Unreachable(why),
+            Err(MissError::Failed(why)) => Outcome::Failed(why),
         }
     }
 
@@ -766,45 +676,38 @@ impl Syncer {
         if self.fetcher.cache().get(&key).is_some() {
             return (None, Some(key));
         }
-        if self.recently_absent(&key) {
-            return (None, None);
-        }
         let mut spellings = vec![name.to_string()];
         for alt in [name.to_ascii_lowercase(), name.to_ascii_uppercase()] {
             if !spellings.contains(&alt) {
                 spellings.push(alt);
             }
         }
+        let absent_ttl = self.absent_ttl();
+        let mut asked = false;
         let mut problems = Vec::new();
         for s in &spellings {
-            match self.walk(s, None, ctx).await {
-                Walk::Done(o) => {
+            let Ok(spelling) = FileName::parse(s) else {
+                continue;
+            };
+            if self.fetcher.not_found_within(s, absent_ttl) {
+                continue;
+            }
+            asked = true;
+            match self.fetch(&spelling, None, ctx).await {
+                Outcome::NotFound { .. } => {}
+                Outcome::Unreachable(why) => problems.push(why),
+                o => {
                     let ok = matches!(o, Outcome::Fetched { .. });
                     return (Some(o), ok.then_some(key));
                 }
-                Walk::Absent { problems: p } => problems.extend(p),
             }
         }
-        if problems.is_empty() {
-            self.absent
-                .lock()
-                .unwrap()
-                .insert(key, Instant::now() + self.absent_ttl());
+        if !asked {
+            (None, None)
+        } else if problems.is_empty() {
             (Some(Outcome::NotFound { removed: false }), None)
         } else {
             (Some(Outcome::Unreachable(problems.join("; "))), None)
-        }
-    }
-
-    fn recently_absent(&self, key: &str) -> bool {
-        let mut absent = self.absent.lock().unwrap();
-        match absent.get(key) {
-            Some(&until) if Instant::now() < until => true,
-            Some(_) => {
-                absent.remove(key);
-                false
-            }
-            None => false,
         }
     }
 

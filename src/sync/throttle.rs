@@ -55,6 +55,13 @@ impl Throttle {
     }
 }
 
+/// The fetcher paces a download the sync worker started with it (while no phone waits on it).
+impl crate::upstream::flight::Pace for Throttle {
+    fn pace(&self, bytes: usize) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(self.consume(bytes))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,33 +1,43 @@
-//! The miss path: one upstream fetch per name however many clients ask at once ("single
-//! flight"), streamed through to every waiting client while it is written into the cache.
+//! The one way bytes come from upstream: one fetch per name however many ask at once ("single
+//! flight"), whoever asks — a phone's miss ([`Fetcher::open`]) or the sync worker's download and
+//! revalidation ([`Fetcher::fetch`]) — streamed through to every waiting client while it is
+//! written into the cache.
 //!
-//! A flight writes the upstream's bytes into a cache [`Publisher`](crate::cache::Publisher)'s
-//! temp file; each client reads that file at its own offset as far as it has been written, so
-//! a phone gets its first block as soon as the WAN delivers it. The file is published only when
-//! complete and of the announced size. A failed or truncated fetch publishes nothing and every
-//! reader gets an error, never a clean end that would make a truncated file look complete.
+//! A flight writes the upstream's bytes into a cache [`Publisher`]'s temp file; each client
+//! reads that file at its own offset as far as it has been written, so a phone gets its first
+//! block as soon as the WAN delivers it. The file is published only when complete and of the
+//! announced size. A failed or truncated fetch publishes nothing and every reader gets an
+//! error, never a clean end that would make a truncated file look complete.
 //!
-//! "Not found anywhere" is remembered for `sync.negative_ttl` by the exact name asked
-//! ([`super::negative`]), and past it while every upstream is unreachable: during a WAN outage a phone asking for its (absent) CTL and ITL files
-//! gets the same quick "file not found" it got before, and boots on as it did then.
+//! What the sync worker adds to a flight it starts ([`Ask`]) is policy it passes in: the cached
+//! copy to revalidate (a conditional request, and no republish of the same bytes), a check of a
+//! replacement before it is published, and a pace for the download that holds only while no
+//! phone waits on it.
+//!
+//! "Not found anywhere" is remembered by the exact name asked ([`super::negative`]): a phone's
+//! miss trusts it for `sync.negative_ttl`, and past it while every upstream is unreachable:
+//! during a WAN outage a phone asking for its (absent) CTL and ITL files gets the same quick
+//! "file not found" it got before, and boots on as it did then.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use futures::StreamExt;
 use tokio::io::AsyncRead;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::negative::NegativeCache;
 use super::{ChainAnswer, UpstreamChain};
-use crate::cache::{Cache, CachedFile, PublishMeta};
+use crate::cache::{Cache, CachedFile, Entry, PublishMeta, Publisher};
 use crate::name::FileName;
 
 /// What a client gets for a name.
@@ -56,9 +66,42 @@ pub enum MissError {
     /// Nobody had it and at least one upstream could not be asked.
     #[error("upstream unreachable")]
     Unreachable(String),
-    /// The cache could not take the file (disk full, I/O error).
+    /// The cache could not take the file (disk full, I/O error), or the upstream's bytes were
+    /// refused (truncated, too large, failing a replacement's check).
     #[error("cannot store the file: {0}")]
     Failed(String),
+}
+
+/// What a whole-file fetch ([`Fetcher::fetch`]) ended with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fetched {
+    /// Published: a new file, or a new version of the cached copy (`replaced`).
+    Stored { bytes: u64, replaced: bool },
+    /// The cached copy is current: the upstream said so (304, `received` 0) or sent the same
+    /// bytes.
+    Unchanged { received: u64 },
+}
+
+/// A check of a new version before it replaces the cached one (the sync worker's content
+/// checks); `Err` keeps the old version.
+pub type Vet = Arc<dyn Fn(&mut Publisher) -> Result<(), String> + Send + Sync>;
+
+/// Paces a download (`sync.max_rate`): called with each chunk's size, returns when more may be
+/// read.
+pub trait Pace: Send + Sync {
+    fn pace(&self, bytes: usize) -> BoxFuture<'_, ()>;
+}
+
+/// How a fetch is asked for beyond its name: the caller's policy. A phone's miss asks with none.
+#[derive(Clone, Default)]
+pub struct Ask {
+    /// The cached copy being revalidated: its validators go to the upstream it came from, and
+    /// the same bytes again are not republished.
+    pub cached: Option<Entry>,
+    /// Checks a replacement of `cached` before it is published.
+    pub vet: Option<Vet>,
+    /// Paces the download while no phone waits on it.
+    pub pace: Option<Arc<dyn Pace>>,
 }
 
 #[derive(Clone)]
@@ -68,6 +111,7 @@ enum Answer {
         file: Arc<File>,
         source: String,
     },
+    NotModified,
     NotFound,
     Unreachable(String),
     Failed(String),
@@ -78,15 +122,18 @@ struct FlightState {
     answer: Option<Answer>,
     /// Bytes written (and flushed) into the temp file so far.
     written: u64,
-    /// Set once: `Ok` when the file was published complete.
-    end: Option<Result<(), String>>,
+    /// Set once: `Ok` when the bytes are complete (published, or the same as the cached copy).
+    end: Option<Result<Fetched, String>>,
 }
 
 struct Flight {
     state: watch::Sender<FlightState>,
+    /// A phone waits on it: no pacing, and the sync worker learns the name when it lands.
+    phone: AtomicBool,
 }
 
-/// Something to tell when a flight publishes a file (the sync worker learns names this way).
+/// Something to tell when a phone's flight publishes a file (the sync worker learns names this
+/// way).
 pub type FoundHook = Arc<dyn Fn(&FileName, &str) + Send + Sync>;
 
 pub struct Fetcher {
@@ -99,6 +146,8 @@ pub struct Fetcher {
     /// The largest file a flight takes into the cache.
     max_file: u64,
     on_found: RwLock<Option<FoundHook>>,
+    /// Told each time a flight leaves the map (shutdown waits for the last).
+    landed: tokio::sync::Notify,
 }
 
 impl Fetcher {
@@ -111,6 +160,7 @@ impl Fetcher {
             negative: Mutex::new(NegativeCache::default()),
             negative_ttl: RwLock::new(negative_ttl),
             on_found: RwLock::new(None),
+            landed: tokio::sync::Notify::new(),
         })
     }
 
@@ -138,8 +188,29 @@ impl Fetcher {
         self.max_file
     }
 
-    /// Forgets "not found" answers for every spelling of a cache key (a sync learned that the
-    /// file now exists).
+    /// Resolves when no flight is under way (at shutdown: the files being fetched land in the
+    /// cache, or fail, before the process exits).
+    pub async fn flights_landed(&self) {
+        loop {
+            let landed = self.landed.notified();
+            tokio::pin!(landed);
+            landed.as_mut().enable();
+            if self.flights.lock().unwrap().is_empty() {
+                return;
+            }
+            landed.await;
+        }
+    }
+
+    /// Whether every upstream answered "not found" for exactly `asked` within `ttl`.
+    pub fn not_found_within(&self, asked: &str, ttl: Duration) -> bool {
+        self.negative
+            .lock()
+            .unwrap()
+            .fresh(asked, Instant::now(), ttl)
+    }
+
+    /// Forgets "not found" answers for every spelling of a cache key (the file now exists).
     pub fn forget_negative(&self, key: &str) {
         self.negative
             .lock()
@@ -147,135 +218,204 @@ impl Fetcher {
             .forget(|asked| FileName::parse(asked).is_ok_and(|n| n.key() == key));
     }
 
-    /// A cached copy if there is one, else the shared upstream fetch for this name.
-    pub async fn open(self: &Arc<Self>, name: &FileName) -> Result<Served, MissError> {
-        if let Some(hit) = self.open_cached(name)? {
-            return Ok(Served::Hit(hit));
-        }
+    /// A phone's request, asked at `asked`: a cached copy if there is one, else the shared
+    /// upstream fetch for this name, streamed as it arrives. The answer comes within one
+    /// upstream timeout of `asked` ([`UpstreamChain::miss_budget`]) whatever the upstreams do:
+    /// past it the phone hears "unreachable" while the flight goes on (to the next upstream,
+    /// into the cache) for its next request.
+    pub async fn open(
+        self: &Arc<Self>,
+        name: &FileName,
+        asked: Instant,
+    ) -> Result<Served, MissError> {
         // Flights and "not found" go by the exact name asked upstream (a case-sensitive
         // upstream may have one spelling and not another); the cache by the folded key.
-        let key = name.as_str().to_string();
-        if self.negative.lock().unwrap().fresh(&key, Instant::now()) {
-            return Err(MissError::NotFound);
-        }
-        let flight = {
-            let mut flights = self.flights.lock().unwrap();
-            match flights.get(&key) {
-                Some(f) => f.clone(),
-                None => {
-                    // A flight publishes before it leaves the map: look again under the lock so
-                    // a file that just landed is not fetched twice.
-                    if let Some(hit) = self.open_cached(name)? {
-                        return Ok(Served::Hit(hit));
-                    }
-                    let (tx, _) = watch::channel(FlightState::default());
-                    let f = Arc::new(Flight { state: tx });
-                    flights.insert(key.clone(), f.clone());
-                    crate::metrics::global().upstream_fetches.inc();
-                    tokio::spawn(self.clone().fly(name.clone(), f.clone()));
-                    f
+        let budget = self.chain().miss_budget();
+        // A phone that joined a revalidation finding the copy current reads that copy; if it
+        // was evicted meanwhile, the second round fetches it.
+        for _ in 0..2 {
+            if let Some(hit) = self.open_cached(name) {
+                return Ok(Served::Hit(hit));
+            }
+            let ttl = *self.negative_ttl.read().unwrap();
+            if self.not_found_within(name.as_str(), ttl) {
+                return Err(MissError::NotFound);
+            }
+            let flight = match self.board(name, Ask::default(), true) {
+                Boarded::Cached(hit) => return Ok(Served::Hit(*hit)),
+                Boarded::Flight(f) => f,
+            };
+            let answer = match budget {
+                Some(b) => tokio::time::timeout_at((asked + b).into(), answer_of(&flight)).await,
+                None => Ok(answer_of(&flight).await),
+            };
+            let (answer, rx) = match answer {
+                Ok(a) => a?,
+                Err(_) => {
+                    let why = format!(
+                        "no upstream answered within {}",
+                        humantime::format_duration(budget.unwrap_or_default())
+                    );
+                    return Err(self.unreachable(name, why));
                 }
-            }
+            };
+            return match answer {
+                Answer::Streaming { size, file, source } => Ok(Served::Miss(MissStream {
+                    size,
+                    source,
+                    reader: Box::pin(tokio_util::io::StreamReader::new(read_flight(rx, file))),
+                })),
+                Answer::NotModified => continue,
+                Answer::NotFound => Err(MissError::NotFound),
+                Answer::Unreachable(why) => Err(self.unreachable(name, why)),
+                Answer::Failed(m) => Err(MissError::Failed(m)),
+            };
+        }
+        Err(MissError::Failed(
+            "the cached copy vanished while it was revalidated".into(),
+        ))
+    }
+
+    /// What a phone hears when no upstream could answer: "not found" if that was the chain's
+    /// last answer for the name (stale if error: a phone is better served by the answer it got
+    /// before than by an error it never saw), else "unreachable".
+    fn unreachable(&self, name: &FileName, why: String) -> MissError {
+        let known_missing = self
+            .negative
+            .lock()
+            .unwrap()
+            .known_missing(name.as_str(), Instant::now());
+        if known_missing {
+            info!(name = %name, "not found when last asked; upstreams unreachable now: {why}");
+            MissError::NotFound
+        } else {
+            MissError::Unreachable(why)
+        }
+    }
+
+    /// The sync worker's request: the whole file into the cache, through the flight of this
+    /// name if one is under way (whoever started it), else a new one that applies `ask`.
+    pub async fn fetch(self: &Arc<Self>, name: &FileName, ask: Ask) -> Result<Fetched, MissError> {
+        let Boarded::Flight(flight) = self.board(name, ask, false) else {
+            unreachable!("only a phone's boarding looks at the cache");
         };
-        let mut rx = flight.state.subscribe();
-        let answer = loop {
-            if let Some(a) = rx.borrow_and_update().answer.clone() {
-                break a;
-            }
-            if rx.changed().await.is_err() {
-                return Err(MissError::Failed("fetch abandoned".into()));
-            }
-        };
+        let (answer, mut rx) = answer_of(&flight).await?;
         match answer {
-            Answer::Streaming { size, file, source } => Ok(Served::Miss(MissStream {
-                size,
-                source,
-                reader: Box::pin(tokio_util::io::StreamReader::new(read_flight(rx, file))),
-            })),
+            Answer::Streaming { .. } => {
+                let end = rx
+                    .wait_for(|s| s.end.is_some())
+                    .await
+                    .map_err(|_| MissError::Failed("fetch abandoned".into()))?
+                    .end
+                    .clone();
+                end.expect("waited for it").map_err(MissError::Failed)
+            }
+            Answer::NotModified => Ok(Fetched::Unchanged { received: 0 }),
             Answer::NotFound => Err(MissError::NotFound),
-            Answer::Unreachable(m) => Err(MissError::Unreachable(m)),
+            Answer::Unreachable(why) => Err(MissError::Unreachable(why)),
             Answer::Failed(m) => Err(MissError::Failed(m)),
         }
     }
 
-    fn remember_not_found(&self, asked: &str) {
-        let ttl = *self.negative_ttl.read().unwrap();
-        self.negative
-            .lock()
-            .unwrap()
-            .insert(asked, Instant::now(), ttl);
-    }
-
-    fn open_cached(&self, name: &FileName) -> Result<Option<CachedFile>, MissError> {
-        match self.cache.open_file(name.key()) {
-            Ok(hit) => Ok(hit),
-            Err(e) => {
-                // A cache that cannot open a file it lists should not stop the phone: refetch.
-                warn!(name = %name, "cache read failed, fetching upstream: {e}");
-                Ok(None)
+    /// Joins the flight of `name`, or starts one with `ask`. A phone's boarding looks at the
+    /// cache again under the lock: a flight publishes before it leaves the map, so a file that
+    /// just landed is not fetched twice.
+    fn board(self: &Arc<Self>, name: &FileName, ask: Ask, phone: bool) -> Boarded {
+        let asked = name.as_str().to_string();
+        let mut flights = self.flights.lock().unwrap();
+        if let Some(f) = flights.get(&asked) {
+            if phone {
+                f.phone.store(true, Ordering::Relaxed);
+            }
+            return Boarded::Flight(f.clone());
+        }
+        if phone {
+            if let Some(hit) = self.open_cached(name) {
+                return Boarded::Cached(Box::new(hit));
             }
         }
+        let (tx, _) = watch::channel(FlightState::default());
+        let f = Arc::new(Flight {
+            state: tx,
+            phone: AtomicBool::new(phone),
+        });
+        flights.insert(asked, f.clone());
+        crate::metrics::global().upstream_fetches.inc();
+        tokio::spawn(self.clone().fly(name.clone(), f.clone(), ask));
+        Boarded::Flight(f)
+    }
+
+    fn open_cached(&self, name: &FileName) -> Option<CachedFile> {
+        self.cache.open_file(name.key()).unwrap_or_else(|e| {
+            // A cache that cannot open a file it lists should not stop the phone: refetch.
+            warn!(name = %name, "cache read failed, fetching upstream: {e}");
+            None
+        })
     }
 
     /// One upstream fetch, written into the cache and shared with every reader.
-    async fn fly(self: Arc<Self>, name: FileName, flight: Arc<Flight>) {
-        let key = name.as_str().to_string();
+    async fn fly(self: Arc<Self>, name: FileName, flight: Arc<Flight>, ask: Ask) {
+        let asked = name.as_str().to_string();
         let chain = self.chain();
         let started = Instant::now();
-        let answer = chain.fetch(name.as_str()).await;
+        let answer = chain.fetch(&asked, ask.cached.as_ref()).await;
         let set_answer = |a: Answer| flight.state.send_modify(|s| s.answer = Some(a));
         match answer {
             ChainAnswer::NotFound => {
-                self.remember_not_found(&key);
+                self.negative.lock().unwrap().insert(&asked, Instant::now());
                 info!(name = %name, "not found on any upstream");
                 set_answer(Answer::NotFound);
             }
             ChainAnswer::Unreachable(why) => {
-                let known_missing = self
-                    .negative
-                    .lock()
-                    .unwrap()
-                    .known_missing(&key, Instant::now());
-                if known_missing {
-                    // Stale if error, for a miss: the last answer the chain gave was "not
-                    // found"; a phone is better served by that than by an error it never saw.
-                    info!(name = %name, "not found when last asked; upstreams unreachable now: {why}");
-                    set_answer(Answer::NotFound);
-                } else {
-                    warn!(name = %name, "miss not served: {why}");
-                    set_answer(Answer::Unreachable(why));
+                warn!(name = %name, "no upstream could be asked: {why}");
+                set_answer(Answer::Unreachable(why));
+            }
+            ChainAnswer::NotModified => {
+                if let Some(e) = &ask.cached {
+                    self.cache.note_validated(name.key(), e.validators.clone());
                 }
+                set_answer(Answer::NotModified);
             }
             ChainAnswer::Found { upstream, body } => {
                 self.forget_negative(name.key());
                 let source = upstream.url.clone();
                 let result = self
-                    .stream_into_cache(&name, &source, body, &flight, &set_answer)
+                    .stream_into_cache(&name, &source, body, &flight, &ask)
                     .await;
                 match &result {
-                    Ok(size) => {
+                    Ok(Fetched::Stored { bytes, .. }) => {
                         info!(
-                            name = %name, source = %source, bytes = size,
+                            name = %name, source = %source, bytes,
                             duration_ms = started.elapsed().as_millis() as u64,
                             "fetched from upstream and cached"
                         );
-                        if let Some(hook) = self.on_found.read().unwrap().clone() {
-                            hook(&name, &source);
+                        if flight.phone.load(Ordering::Relaxed) {
+                            if let Some(hook) = self.on_found.read().unwrap().clone() {
+                                hook(&name, &source);
+                            }
                         }
+                    }
+                    Ok(Fetched::Unchanged { .. }) => {
+                        debug!(name = %name, source = %source, "same bytes as the cached copy")
                     }
                     Err(e) => {
                         warn!(name = %name, source = %source, "fetch failed, nothing cached: {e}")
                     }
                 }
-                flight
-                    .state
-                    .send_modify(|s| s.end = Some(result.map(|_| ())));
+                if let Err(why) = &result {
+                    // Failed before any byte was streamed: the answer itself says so.
+                    if flight.state.borrow().answer.is_none() {
+                        set_answer(Answer::Failed(why.clone()));
+                    }
+                }
+                flight.state.send_modify(|s| s.end = Some(result));
             }
         }
         let mut flights = self.flights.lock().unwrap();
-        if flights.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
-            flights.remove(&key);
+        if flights.get(&asked).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+            flights.remove(&asked);
         }
+        self.landed.notify_waiters();
     }
 
     async fn stream_into_cache(
@@ -284,31 +424,19 @@ impl Fetcher {
         source: &str,
         mut body: super::Body,
         flight: &Flight,
-        set_answer: &impl Fn(Answer),
-    ) -> Result<u64, String> {
+        ask: &Ask,
+    ) -> Result<Fetched, String> {
         if let Some(size) = body.size.filter(|&s| s > self.max_file) {
-            let why = too_large(size, self.max_file);
-            set_answer(Answer::Failed(why.clone()));
-            return Err(why);
+            return Err(too_large(size, self.max_file));
         }
-        let mut publisher = match self.cache.publisher(name) {
-            Ok(p) => p,
-            Err(e) => {
-                set_answer(Answer::Failed(e.to_string()));
-                return Err(e.to_string());
-            }
-        };
-        let file = match publisher.open_reader() {
-            Ok(f) => Arc::new(f),
-            Err(e) => {
-                set_answer(Answer::Failed(e.to_string()));
-                return Err(e.to_string());
-            }
-        };
-        set_answer(Answer::Streaming {
-            size: body.size,
-            file,
-            source: source.to_string(),
+        let mut publisher = self.cache.publisher(name).map_err(|e| e.to_string())?;
+        let file = Arc::new(publisher.open_reader().map_err(|e| e.to_string())?);
+        flight.state.send_modify(|s| {
+            s.answer = Some(Answer::Streaming {
+                size: body.size,
+                file,
+                source: source.to_string(),
+            })
         });
         while let Some(chunk) = body.stream.next().await {
             let chunk = chunk.map_err(|e| e.to_string())?;
@@ -324,6 +452,12 @@ impl Fetcher {
             io::Write::flush(&mut publisher).map_err(|e| format!("cache write: {e}"))?;
             let written = publisher.written();
             flight.state.send_modify(|s| s.written = written);
+            if let Some(pace) = &ask.pace {
+                // A phone waiting on the file is never paced.
+                if !flight.phone.load(Ordering::Relaxed) {
+                    pace.pace(chunk.len()).await;
+                }
+            }
         }
         let written = publisher.written();
         if let Some(size) = body.size {
@@ -331,6 +465,19 @@ impl Fetcher {
                 return Err(format!(
                     "upstream sent {written} of the {size} bytes it announced"
                 ));
+            }
+        }
+        if let Some(old) = &ask.cached {
+            if old.size == written && old.sha256 == publisher.sha256() {
+                publisher.abort();
+                self.cache.note_validated(name.key(), body.validators);
+                return Ok(Fetched::Unchanged { received: written });
+            }
+            if let Some(vet) = &ask.vet {
+                vet(&mut publisher).map_err(|why| {
+                    warn!(name = %name, upstream = source, "update refused, old version kept: {why}");
+                    format!("update refused, old version kept: {why}")
+                })?;
             }
         }
         let meta = PublishMeta {
@@ -343,7 +490,31 @@ impl Fetcher {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        Ok(written)
+        self.forget_negative(name.key());
+        Ok(Fetched::Stored {
+            bytes: written,
+            replaced: ask.cached.is_some(),
+        })
+    }
+}
+
+/// A flight joined, or the cached copy that landed meanwhile.
+enum Boarded {
+    Flight(Arc<Flight>),
+    Cached(Box<CachedFile>),
+}
+
+/// Waits for a flight's first answer; the receiver follows its bytes and its end.
+async fn answer_of(flight: &Flight) -> Result<(Answer, watch::Receiver<FlightState>), MissError> {
+    let mut rx = flight.state.subscribe();
+    loop {
+        let answer = rx.borrow_and_update().answer.clone();
+        if let Some(a) = answer {
+            return Ok((a, rx));
+        }
+        if rx.changed().await.is_err() {
+            return Err(MissError::Failed("fetch abandoned".into()));
+        }
     }
 }
 
@@ -387,7 +558,7 @@ fn read_flight(
                 };
             }
             match end {
-                Some(Ok(())) => return None,
+                Some(Ok(_)) => return None,
                 Some(Err(e)) => {
                     return Some((
                         Err(io::Error::other(format!("upstream fetch failed: {e}"))),

@@ -31,6 +31,7 @@ pub use health::UpstreamState;
 use health::{Breaker, Transition};
 use resolve::Resolver;
 
+use crate::cache::Entry;
 pub use crate::cache::Validators;
 
 /// A body being received: its announced size (Content-Length, OACK tsize) and the bytes.
@@ -140,6 +141,25 @@ impl Upstream {
 
     pub fn is_http(&self) -> bool {
         self.target.scheme == UpstreamScheme::Http
+    }
+
+    /// The validators for a conditional request of a cached copy: only to the HTTP upstream it
+    /// came from, and only when it gave some. RFC 9110 §13.1.3: If-None-Match makes a server
+    /// ignore If-Modified-Since, so with an ETag the date would only cost bytes.
+    fn validators_for(&self, cached: &Entry) -> Option<Validators> {
+        let v = &cached.validators;
+        if !self.is_http() || cached.source != self.url {
+            return None;
+        }
+        match (&v.etag, &v.last_modified) {
+            (Some(etag), _) => Some(Validators {
+                etag: Some(etag.clone()),
+                last_modified: None,
+                upstream_size: None,
+            }),
+            (None, Some(_)) => Some(v.clone()),
+            (None, None) => None,
+        }
     }
 
     /// Whether the upstream is marked down (skipped, and probed in the background).
@@ -293,14 +313,6 @@ impl Upstream {
             ))),
         }
     }
-
-    /// Fetches a small file whole (the sync worker's lists and configs).
-    pub async fn fetch_bytes(self: &Arc<Self>, name: &str) -> Result<Option<Bytes>, FetchError> {
-        match self.fetch(name, None).await? {
-            Answer::Found(body) => read_all(body).await.map(Some),
-            Answer::NotModified | Answer::NotFound => Ok(None),
-        }
-    }
 }
 
 async fn read_all(mut body: Body) -> Result<Bytes, FetchError> {
@@ -354,6 +366,8 @@ pub enum ChainAnswer {
         upstream: Arc<Upstream>,
         body: Body,
     },
+    /// The upstream the cached copy came from says it is current.
+    NotModified,
     /// Every upstream answered "not found".
     NotFound,
     /// Nobody had it and at least one upstream could not be asked.
@@ -396,17 +410,27 @@ impl UpstreamChain {
         self.upstreams.is_empty()
     }
 
-    /// Asks each upstream in order; those marked down are skipped at once.
-    pub async fn fetch(&self, name: &str) -> ChainAnswer {
+    /// The longest a phone's miss waits for the chain's answer: one upstream timeout (the
+    /// longest configured), however many upstreams hang one after the other. `None` without
+    /// upstreams: the answer ("not found") is immediate.
+    pub fn miss_budget(&self) -> Option<Duration> {
+        self.upstreams.iter().map(|u| u.timeout).max()
+    }
+
+    /// Asks each upstream in order; those marked down are skipped at once. With a `cached`
+    /// copy, the HTTP upstream it came from is asked conditionally with its validators.
+    pub async fn fetch(&self, name: &str, cached: Option<&Entry>) -> ChainAnswer {
         let mut unreachable: Vec<String> = Vec::new();
         for up in &self.upstreams {
-            match up.fetch(name, None).await {
+            let known = cached.and_then(|e| up.validators_for(e));
+            match up.fetch(name, known.as_ref()).await {
                 Ok(Answer::Found(body)) => {
                     return ChainAnswer::Found {
                         upstream: up.clone(),
                         body,
                     }
                 }
+                Ok(Answer::NotModified) if known.is_some() => return ChainAnswer::NotModified,
                 Ok(Answer::NotFound) | Ok(Answer::NotModified) => continue,
                 Err(e) => unreachable.push(format!("{}: {e}", up.url)),
             }

@@ -117,8 +117,15 @@ pub fn boot_files(phones: usize) -> TestFiles {
 }
 
 /// One phone's boot: its CTL file (never on any server, so always a miss), then its cached
-/// config, locale and image with curl, each checked byte for byte. Returns the CTL answer.
-pub async fn boot(addr: SocketAddr, files: &TestFiles, i: usize, ctl_salt: u8, out: &Path) -> u16 {
+/// config, locale and image with curl, each checked byte for byte. Returns the CTL answer and
+/// how long the phone waited for it.
+pub async fn boot(
+    addr: SocketAddr,
+    files: &TestFiles,
+    i: usize,
+    ctl_salt: u8,
+    out: &Path,
+) -> (u16, Duration) {
     let ctl = phone_get(addr, &format!("CTLSEP{}.tlv", mac(i, ctl_salt))).await;
     let code = ctl.result.expect_err("no CTL file anywhere");
     for name in [
@@ -131,16 +138,17 @@ pub async fn boot(addr: SocketAddr, files: &TestFiles, i: usize, ctl_salt: u8, o
             .await
             .assert_intact(files.sha256(&name));
     }
-    code
+    (code, ctl.took)
 }
 
-/// `phones` boots at once; the time until the last one finished, and the CTL answers.
+/// `phones` boots at once; the time until the last one finished, and each phone's CTL answer
+/// and wait.
 pub async fn storm(
     addr: SocketAddr,
     files: &TestFiles,
     phones: usize,
     ctl_salt: u8,
-) -> (Duration, Vec<u16>) {
+) -> (Duration, Vec<(u16, Duration)>) {
     let out = scratch_dir();
     let t = Instant::now();
     let codes =

@@ -18,11 +18,12 @@ mod servers;
 
 pub use admin::*;
 pub use branch::*;
-pub use branchtftp::wan::*;
+mod wan;
 pub use clients::*;
 pub use files::*;
 pub use origin::*;
 pub use servers::*;
+pub use wan::*;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 

@@ -7,24 +7,19 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
 
-use crate::cache::{Cache, ClassRules};
-use crate::config::{AccessConfig, UpstreamConfig};
-use crate::front::http::HttpFront;
-use crate::front::{Gate, Resolver, TftpFront};
-use crate::overrides::Overrides;
+use crate::app::{Appliance, Mode};
+use crate::cache::cli::human_size;
+use crate::config::{AccessConfig, Config, UpstreamConfig};
 use crate::tftp::client::{ClientOptions, Download};
-use crate::tftp::server::{Server, ServerConfig};
-use crate::upstream::flight::Fetcher;
-use crate::upstream::UpstreamChain;
-use crate::wan::{WanLink, WanRelay};
+use link::Link;
+
+mod link;
 
 /// What the demo simulates.
 #[derive(Debug, Clone)]
@@ -170,58 +165,34 @@ fn build_central(dir: &Path, phones: usize) -> anyhow::Result<BTreeMap<String, S
 }
 
 /// Everything started for the demo; dropped at the end.
-struct Stack {
-    stop: watch::Sender<bool>,
-    tasks: tokio::task::JoinSet<()>,
-}
-
-impl Stack {
-    async fn stop(mut self) {
-        let _ = self.stop.send(true);
-        while self.tasks.join_next().await.is_some() {}
-    }
-}
-
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
-}
-
-/// Starts HTTP (and TFTP) front ends for `resolver` on loopback ports; returns their addresses.
-async fn start_fronts(
-    resolver: Arc<Resolver>,
-    stack: &mut Stack,
-) -> anyhow::Result<(SocketAddr, SocketAddr)> {
-    let access = AccessConfig {
+/// An appliance on loopback ports for the demo: the sample central server (its files as the
+/// overrides directory, no upstream) or the branch (an upstream, an empty cache). The sync
+/// worker stays idle so the WAN bytes shown are the phones' alone.
+async fn start_appliance(
+    dir: &Path,
+    overrides: &Path,
+    upstream: Option<SocketAddr>,
+) -> anyhow::Result<Appliance> {
+    let mut cfg = Config::default();
+    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    cfg.tftp.listen = vec![loopback];
+    cfg.http.listen = vec![loopback];
+    cfg.admin.listen = None;
+    cfg.cache.dir = dir.join("cache");
+    cfg.cache.overrides = overrides.to_path_buf();
+    cfg.upstreams = upstream
+        .map(|a| UpstreamConfig::new(format!("http://{a}")))
+        .into_iter()
+        .collect();
+    cfg.access = AccessConfig {
         allow: vec!["127.0.0.0/8".parse().unwrap()],
         max_transfers: 4096,
         max_per_client: 4096,
     };
-    let gate = Gate::new(access);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let http_addr = listener.local_addr()?;
-    let router = crate::front::http::router(HttpFront {
-        gate: gate.clone(),
-        resolver: resolver.clone(),
-    });
-    let rx = stack.stop.subscribe();
-    stack.tasks.spawn(async move {
-        let svc = router.into_make_service_with_connect_info::<SocketAddr>();
-        let _ = axum::serve(listener, svc)
-            .with_graceful_shutdown(stopped(rx))
-            .await;
-    });
-    let server = Server::bind(ServerConfig {
-        listen: vec!["127.0.0.1:0".parse().unwrap()],
-        drain: Duration::from_millis(100),
-        ..ServerConfig::default()
-    })?;
-    let tftp_addr = server.local_addrs()[0];
-    let front = Arc::new(TftpFront { gate, resolver });
-    let rx = stack.stop.subscribe();
-    stack.tasks.spawn(async move {
-        let _ = server.run(front, stopped(rx)).await;
-    });
-    Ok((http_addr, tftp_addr))
+    cfg.sync.prefetch.clear();
+    cfg.sync.discover = false;
+    cfg.sync.config_list = false;
+    Appliance::start(cfg, Mode::Appliance, None).await
 }
 
 /// One phone's boot over HTTP (as 9.3+ firmware does, file by file), in the order phones ask.
@@ -306,16 +277,6 @@ async fn boot_all(
     Ok(started.elapsed())
 }
 
-fn human_bytes(n: u64) -> String {
-    if n >= 1_000_000 {
-        format!("{:.1} MB", n as f64 / 1e6)
-    } else if n >= 1_000 {
-        format!("{:.1} kB", n as f64 / 1e3)
-    } else {
-        format!("{n} B")
-    }
-}
-
 pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let work = tempfile::Builder::new()
         .prefix("branchtftp-demo")
@@ -329,59 +290,42 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         opts.phones,
         MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", "),
         sums.len(),
-        human_bytes(total),
+        human_size(total),
         opts.rtt.as_millis(),
         opts.rate as f64 / 1e6
     );
 
-    let (stop, _) = watch::channel(false);
-    let mut stack = Stack {
-        stop,
-        tasks: tokio::task::JoinSet::new(),
-    };
-    // The central CUCM TFTP/HTTP server: a plain read-only server of the sample files.
-    let central = Arc::new(Resolver {
-        overrides: Some(Overrides::new(&central_dir)),
-        fetcher: None,
-    });
-    let (central_http, _central_tftp) = start_fronts(central, &mut stack).await?;
-    let wan = WanRelay::tcp(
-        central_http,
-        WanLink::with_rtt(opts.rtt).bits_per_sec(opts.rate),
-    );
+    // The central CUCM TFTP/HTTP server: the sample files, served read-only.
+    let central = start_appliance(&work.path().join("central-state"), &central_dir, None).await?;
+    let wan = Link::start(central.local_addrs().http[0], opts.rtt, opts.rate).await?;
     let wan_addr = wan.addr();
 
     let mut rows = Vec::new();
     // 1. Phones straight to the central server across the WAN.
-    wan.reset_counters();
+    wan.reset();
     let t = boot_all(&format!("http://{wan_addr}"), opts.phones, &sums).await?;
-    rows.push(("direct to central", t, wan.bytes_up() + wan.bytes_down()));
+    rows.push(("direct to central", t, wan.bytes()));
     println!(
         "  direct to central ............ {:>6.2} s",
         t.as_secs_f64()
     );
 
     // 2. and 3. Through the branch appliance, cold then warm.
-    let cache_dir = work.path().join("cache");
-    let (cache, _) = {
-        let d = cache_dir.clone();
-        tokio::task::spawn_blocking(move || Cache::open(&d, 1 << 30, ClassRules::default()))
-            .await??
-    };
-    let chain = UpstreamChain::new(&[UpstreamConfig::new(format!("http://{wan_addr}"))])?;
-    let fetcher = Fetcher::new(cache, chain, Duration::from_secs(30));
-    let branch = Arc::new(Resolver {
-        overrides: None,
-        fetcher: Some(fetcher.clone()),
-    });
-    let (branch_http, branch_tftp) = start_fronts(branch, &mut stack).await?;
+    let branch_dir = work.path().join("branch");
+    let branch = start_appliance(
+        &branch_dir,
+        &branch_dir.join("no-overrides"),
+        Some(wan_addr),
+    )
+    .await?;
+    let (branch_http, branch_tftp) = (branch.local_addrs().http[0], branch.local_addrs().tftp[0]);
     for (label, row) in [
         ("through branchtftp, cold cache", "cold"),
         ("through branchtftp, warm cache", "warm"),
     ] {
-        wan.reset_counters();
+        wan.reset();
         let t = boot_all(&format!("http://{branch_http}"), opts.phones, &sums).await?;
-        rows.push((label, t, wan.bytes_up() + wan.bytes_down()));
+        rows.push((label, t, wan.bytes()));
         println!(
             "  branchtftp, {row} cache ...... {:>6.2} s",
             t.as_secs_f64()
@@ -406,7 +350,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         println!(
             "| {label} | {:.2} s | {} |",
             t.as_secs_f64(),
-            human_bytes(*b)
+            human_size(*b)
         );
     }
     let direct = rows[0].1.as_secs_f64();
@@ -418,13 +362,14 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     println!(
         "TFTP (lock-step, 512-byte blocks) from the warm cache: {} in {:.2} s on the LAN; \
          across this WAN the same transfer would take about {:.0} s.",
-        human_bytes(bytes.len() as u64),
+        human_size(bytes.len() as u64),
         tftp_time.as_secs_f64(),
         (bytes.len() as f64 / 512.0).ceil() * opts.rtt.as_secs_f64()
     );
     println!("Every file every phone received matched the central server's sha256.");
-    stack.stop().await;
+    branch.shutdown().await?;
     drop(wan);
+    central.shutdown().await?;
     Ok(())
 }
 

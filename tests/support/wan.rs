@@ -1,6 +1,6 @@
 //! `WanRelay`: an in-process model of the WAN between a branch and the central site, used by
-//! `branchtftp demo`, the integration tests and the benchmarks (`tc netem` is not available on
-//! the machines this runs on). It forwards
+//! the integration tests and the benchmarks (`tc netem` is not available on the machines this
+//! runs on; `branchtftp demo` has a small TCP link of its own). It forwards
 //! UDP (TFTP, TID changes included) and TCP (HTTP) to targets, adding one-way delay and a shared
 //! bandwidth cap per direction, and can be cut (outage) or blackholed (UDP silently dropped).
 //!
@@ -255,7 +255,7 @@ impl WanRelay {
         let front = {
             let _guard = self.rt().enter();
             Arc::new(
-                crate::net::bind_udp(SocketAddr::new(local_ip, 0), RELAY_BUFFER)
+                branchtftp::net::bind_udp(SocketAddr::new(local_ip, 0), RELAY_BUFFER)
                     .expect("bind relay UDP socket"),
             )
         };
@@ -415,7 +415,7 @@ struct UdpForward {
 }
 
 async fn bind_udp(ip: IpAddr) -> io::Result<Arc<UdpSocket>> {
-    crate::net::bind_udp(SocketAddr::new(ip, 0), RELAY_BUFFER).map(Arc::new)
+    branchtftp::net::bind_udp(SocketAddr::new(ip, 0), RELAY_BUFFER).map(Arc::new)
 }
 
 impl UdpForward {
