@@ -278,15 +278,16 @@ impl Loop {
     }
 
     fn readable(&mut self, i: usize, buf: &mut [u8]) {
-        let Some(Some(t)) = self.table.get_mut(i) else {
-            return;
-        };
-        let mut failed = None;
-        // Readiness is edge-triggered: read until the socket is empty.
+        // Readiness is edge-triggered: read until the socket is empty. Each packet is answered
+        // before the next read, so the read that finds the socket empty is off the ACK -> DATA
+        // path (lock-step latency is the benchmark against tftpd-hpa).
         loop {
+            let Some(Some(t)) = self.table.get_mut(i) else {
+                return;
+            };
             let (n, from) = match t.sock.recv_from(buf) {
                 Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 // ICMP port unreachable and the like: the client is gone or will retry.
                 Err(e) => {
                     debug!(client = %t.peer, "recv: {e}");
@@ -301,14 +302,11 @@ impl Loop {
                 Ok(p) => t.sender.handle(&p, Instant::now()),
                 Err(e) => {
                     let _ = t.sock.send_to(&e.reply().encode(), t.peer);
-                    failed = Some(format!("malformed packet from client: {e}"));
-                    break;
+                    let why = format!("malformed packet from client: {e}");
+                    return self.finish(i, Err(why));
                 }
             }
-        }
-        match failed {
-            Some(why) => self.finish(i, Err(why)),
-            None => self.drive(i),
+            self.drive(i);
         }
     }
 
@@ -322,14 +320,7 @@ impl Loop {
             match t.feed.try_next() {
                 Ok(Some(block)) => t.sender.push_data(block, now),
                 Ok(None) => break,
-                Err(e) => {
-                    // A failed source (a truncated upstream) is an ERROR for the client, never
-                    // a short final DATA that would make a truncated file look complete.
-                    let e2 = ErrorPacket::new(ErrorCode::NotDefined, "transfer failed").encode();
-                    let _ = t.sock.send_to(&e2, t.peer);
-                    self.finish(i, Err(format!("source failed: {e}")));
-                    return;
-                }
+                Err(e) => return self.source_failed(i, e),
             }
         }
         while let Some(d) = t.sender.poll_transmit() {
@@ -369,12 +360,27 @@ impl Loop {
             self.finish(i, outcome);
             return;
         }
+        // The next block is read now, while the client is busy acknowledging this one, so the
+        // ACK finds it ready and is answered without a read (tftpd-hpa reads ahead the same way).
+        if let Err(e) = t.feed.prefetch() {
+            return self.source_failed(i, e);
+        }
         if let Some(d) = t.sender.poll_timeout() {
             if t.timer.is_none_or(|queued| d < queued) {
                 t.timer = Some(d);
                 self.timers.push(Reverse((d, i, t.generation)));
             }
         }
+    }
+
+    /// A failed source (a truncated upstream, an unreadable file) is an ERROR for the client,
+    /// never a short final DATA that would make a truncated file look complete.
+    fn source_failed(&mut self, i: usize, e: io::Error) {
+        if let Some(Some(t)) = self.table.get(i) {
+            let e2 = ErrorPacket::new(ErrorCode::NotDefined, "transfer failed").encode();
+            let _ = t.sock.send_to(&e2, t.peer);
+        }
+        self.finish(i, Err(format!("source failed: {e}")));
     }
 
     fn fire_timers(&mut self) {

@@ -109,6 +109,16 @@ impl Feed {
         }
     }
 
+    /// Reads the next block of a file ahead, so the ACK that asks for it is answered without a
+    /// read. Streams are not touched (their chunks arrive by themselves).
+    pub fn prefetch(&mut self) -> io::Result<()> {
+        if matches!(self.raw, Raw::File { .. }) && !self.ended && self.pending.len() < self.blksize
+        {
+            self.fill()?;
+        }
+        Ok(())
+    }
+
     /// Adds bytes to `pending` or marks the end; `false` when a stream must be waited for.
     fn fill(&mut self) -> io::Result<bool> {
         match &mut self.raw {
@@ -120,14 +130,26 @@ impl Feed {
                     self.ended = true;
                     return Ok(true);
                 }
-                let mut buf = vec![0u8; want];
-                let n = file.read_at(&mut buf, *offset)?;
+                let n = match self.mode {
+                    // Straight into the pending bytes: no buffer of its own per block.
+                    Mode::Octet => {
+                        let start = self.pending.len();
+                        self.pending.resize(start + want, 0);
+                        let n = file.read_at(&mut self.pending[start..], *offset);
+                        self.pending.truncate(start + *n.as_ref().unwrap_or(&0));
+                        n?
+                    }
+                    Mode::Netascii => {
+                        let mut buf = vec![0u8; want];
+                        let n = file.read_at(&mut buf, *offset)?;
+                        push(&mut self.pending, self.mode, &buf[..n]);
+                        n
+                    }
+                };
                 if n == 0 {
                     return Err(io::Error::other("file shorter than its size"));
                 }
-                buf.truncate(n);
                 *offset += n as u64;
-                push(&mut self.pending, self.mode, &buf);
                 Ok(true)
             }
             Raw::Stream(rx) => match rx.try_recv() {
