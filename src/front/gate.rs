@@ -21,9 +21,14 @@ use crate::config::AccessConfig;
 /// How long a new transfer's client gets to acknowledge its first packet before its slot may
 /// go to a new request: far above any LAN round trip, well under a phone's 1 s resend.
 pub const PROOF_GRACE: Duration = Duration::from_millis(500);
-/// Longest wait in the admission queue before "server busy": a phone resends after about a
-/// second (its resends are absorbed by the queued request), so it hears within two.
-pub const QUEUE_WAIT: Duration = Duration::from_secs(1);
+/// Longest wait in the admission queue before "server busy". A phone resends its request each
+/// second (resends are absorbed by the queued request) and gives up after its fourth send
+/// goes unanswered, about 4 s after the first: a slot given within 3 s still reaches it, and
+/// "busy" earlier would fail a phone the storm would have served (issue 12: 130 of 5,000
+/// phones were told "busy" after a 1 s wait).
+pub const QUEUE_WAIT: Duration = Duration::from_secs(3);
+/// How often a non-empty queue looks for transfers on probation past their grace.
+const NUDGE_EVERY: Duration = Duration::from_millis(125);
 
 /// Admission control shared by the TFTP and HTTP front ends.
 pub struct Gate {
@@ -49,6 +54,9 @@ struct State {
     probation: VecDeque<Arc<Claim>>,
     queue: VecDeque<Waiter>,
     next_waiter: u64,
+    /// A task is nudging the queue (one per gate while it is not empty, not one per waiter:
+    /// thousands of waiters each waking 8 times a second cost a storm its CPU).
+    nudging: bool,
 }
 
 struct Waiter {
@@ -230,6 +238,10 @@ impl Gate {
     /// Admits one transfer of `protocol` (`tftp` or `http`) from `ip` now, or says why not.
     /// HTTP uses this: a TCP client has proven its address, and it has its own retry.
     pub fn admit(self: &Arc<Self>, ip: IpAddr, protocol: &'static str) -> Result<Slot, Refusal> {
+        counted(self.try_admit(ip, protocol))
+    }
+
+    fn try_admit(self: &Arc<Self>, ip: IpAddr, protocol: &'static str) -> Result<Slot, Refusal> {
         if !self.allows(ip) {
             return Err(Refusal::Denied);
         }
@@ -263,7 +275,12 @@ impl Gate {
         ip: IpAddr,
         protocol: &'static str,
     ) -> Result<Slot, Refusal> {
-        let rx = match self.admit(ip, protocol) {
+        counted(self.enqueue(ip, protocol)?.wait().await)
+    }
+
+    /// [`Gate::admit_queued`] up to the wait: a slot now, or a place in the queue.
+    fn enqueue(self: &Arc<Self>, ip: IpAddr, protocol: &'static str) -> Result<Queued, Refusal> {
+        let rx = match self.try_admit(ip, protocol) {
             Err(Refusal::Busy) => {
                 let (max_total, max_client) = self.limits();
                 let mut st = self.state.lock().unwrap();
@@ -292,20 +309,26 @@ impl Gate {
                 });
                 *st.per_client.entry(ip).or_insert(0) += 1;
                 let handed = self.hand_over(&mut st);
+                let nudge = !st.queue.is_empty() && !std::mem::replace(&mut st.nudging, true);
                 drop(st);
                 drop(handed);
                 if let Some(d) = displaced {
                     d();
                 }
+                if nudge {
+                    tokio::spawn(self.clone().nudge_while_queued());
+                }
                 Queued {
                     gate: self.clone(),
                     id,
                     rx,
+                    waiting: true,
                 }
             }
-            other => return other,
+            Ok(slot) => Queued::granted(self, slot),
+            Err(e) => return Err(e),
         };
-        rx.wait().await
+        Ok(rx)
     }
 
     /// Gives free slots (and slots of transfers on probation past their grace) to the
@@ -337,15 +360,33 @@ impl Gate {
         gone
     }
 
-    /// Hands slots of transfers whose grace has run out to queued requests. Called by the
-    /// queue's waiters while they wait, so a full house of silent clients drains.
-    fn nudge(self: &Arc<Self>) {
-        let handed = {
-            let mut st = self.state.lock().unwrap();
-            self.hand_over(&mut st)
-        };
-        drop(handed);
+    /// Hands slots of transfers whose grace has run out to queued requests while the queue is
+    /// not empty, so a full house of silent clients drains.
+    async fn nudge_while_queued(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(NUDGE_EVERY).await;
+            let handed = {
+                let mut st = self.state.lock().unwrap();
+                let handed = self.hand_over(&mut st);
+                if st.queue.is_empty() {
+                    st.nudging = false;
+                    drop(st);
+                    drop(handed);
+                    return;
+                }
+                handed
+            };
+            drop(handed);
+        }
     }
+}
+
+/// Counts a "busy" answer (`branchtftp_refused_total{reason="busy"}`).
+fn counted(r: Result<Slot, Refusal>) -> Result<Slot, Refusal> {
+    if matches!(r, Err(Refusal::Busy)) {
+        crate::metrics::global().refused("busy");
+    }
+    r
 }
 
 /// A request in the admission queue; leaving the queue (given up or timed out) on drop.
@@ -353,28 +394,39 @@ struct Queued {
     gate: Arc<Gate>,
     id: u64,
     rx: oneshot::Receiver<Slot>,
+    /// Still in the queue (not yet handed a slot).
+    waiting: bool,
 }
 
 impl Queued {
+    /// A request admitted at once: its slot is already in the channel.
+    fn granted(gate: &Arc<Gate>, slot: Slot) -> Queued {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(slot);
+        Queued {
+            gate: gate.clone(),
+            id: 0,
+            rx,
+            waiting: false,
+        }
+    }
+
     async fn wait(mut self) -> Result<Slot, Refusal> {
-        let deadline = tokio::time::Instant::now() + QUEUE_WAIT;
-        loop {
-            // Wake now and then to displace transfers whose grace ran out meanwhile.
-            let nap = (PROOF_GRACE / 4).min(deadline - tokio::time::Instant::now());
-            tokio::select! {
-                r = &mut self.rx => return r.map_err(|_| Refusal::Busy),
-                _ = tokio::time::sleep(nap) => {}
+        match tokio::time::timeout(QUEUE_WAIT, &mut self.rx).await {
+            Ok(Ok(slot)) => {
+                self.waiting = false;
+                Ok(slot)
             }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Refusal::Busy);
-            }
-            self.gate.nudge();
+            Ok(Err(_)) | Err(_) => Err(Refusal::Busy),
         }
     }
 }
 
 impl Drop for Queued {
     fn drop(&mut self) {
+        if !self.waiting {
+            return;
+        }
         let mut st = self.gate.state.lock().unwrap();
         if let Some(i) = st.queue.iter().position(|w| w.id == self.id) {
             let w = st.queue.remove(i).expect("found");

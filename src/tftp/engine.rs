@@ -227,10 +227,16 @@ impl Loop {
             .registry()
             .register(&mut sock, Token(i), Interest::READABLE)
         {
+            // The client hears a fixed ERROR 0 rather than nothing (it would resend into the
+            // same failure for seconds); the slot is freed and the failure counted.
+            let reply = super::server::OpenError::Unavailable.reply().encode();
+            let _ = sock.send_to(&reply, job.peer);
+            crate::metrics::global().refused("start_failed");
             self.free.push(i);
             self.active.fetch_sub(1, Ordering::AcqRel);
             let mut report = job.report;
             report.outcome = Err(format!("cannot watch the transfer socket: {e}"));
+            drop(job.ticket);
             job.source.finished(&report);
             return;
         }
