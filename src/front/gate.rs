@@ -4,13 +4,13 @@
 //!
 //! Beyond the global limit, TFTP requests wait in a short FIFO queue and are served as slots
 //! free; "server busy" only when the queue is full or the wait runs out. A TFTP slot is cheap
-//! until its client proves it is there (acknowledges something): after [`PROOF_GRACE`] an
-//! unproven transfer may be displaced by a new request, so spoofed requests that will never be
+//! until its client proves it is there (acknowledges something): after a grace (at least
+//! [`PROOF_GRACE`], longer while answering clients are slow) an unproven transfer may be displaced by a new request, so spoofed requests that will never be
 //! answered cannot keep phones out. Proven transfers are never displaced.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,8 +19,12 @@ use tokio::sync::oneshot;
 use crate::config::AccessConfig;
 
 /// How long a new transfer's client gets to acknowledge its first packet before its slot may
-/// go to a new request: far above any LAN round trip, well under a phone's 1 s resend.
+/// go to a new request: far above any LAN round trip, well under a phone's 1 s resend. The
+/// least grace: see [`Gate::grace`].
 pub const PROOF_GRACE: Duration = Duration::from_millis(500);
+/// The most grace, when real clients are slow to answer (a storm loading the phones' LAN or
+/// the box): still within a phone's patience, and within an unanswered transfer's life.
+const MAX_PROOF_GRACE: Duration = Duration::from_secs(2);
 /// Longest wait in the admission queue before "server busy". A phone resends its request each
 /// second (resends are absorbed by the queued request) and gives up after its fourth send
 /// goes unanswered, about 4 s after the first: a slot given within 3 s still reaches it, and
@@ -34,6 +38,8 @@ const NUDGE_EVERY: Duration = Duration::from_millis(125);
 pub struct Gate {
     access: Mutex<AccessConfig>,
     state: Mutex<State>,
+    /// Moving average of how long clients that did answer took to answer, in microseconds.
+    proof_micros: AtomicU64,
 }
 
 impl std::fmt::Debug for Gate {
@@ -103,7 +109,7 @@ impl std::fmt::Debug for Slot {
 
 impl Slot {
     /// The transfer is running and waits for its client's first answer; after
-    /// [`PROOF_GRACE`] a new request may take the slot, calling `displace` to end it.
+    /// its grace ([`Gate::grace`]) a new request may take the slot, calling `displace` to end it.
     pub fn on_probation(&self, displace: Displace) {
         if self.claim.proven.load(Ordering::Acquire) {
             return;
@@ -120,7 +126,9 @@ impl Slot {
     /// The client answered: this transfer is never displaced.
     pub fn proven(&self) {
         self.claim.proven.store(true, Ordering::Release);
-        self.claim.probation.lock().unwrap().take();
+        if let Some((since, _)) = self.claim.probation.lock().unwrap().take() {
+            self.gate.note_proof(since.elapsed());
+        }
     }
 }
 
@@ -192,7 +200,27 @@ impl Gate {
         Arc::new(Gate {
             access: Mutex::new(access),
             state: Mutex::new(State::default()),
+            proof_micros: AtomicU64::new(0),
         })
+    }
+
+    /// How long a transfer on probation keeps its slot against a new request: four times what
+    /// answering clients take now, within [`PROOF_GRACE`]..[`MAX_PROOF_GRACE`]. Spoofed
+    /// sources never answer, so they do not stretch it; phones slowed by a storm do, and are
+    /// not displaced for being slow (issue 12: displaced phones heard "unknown transfer ID"
+    /// from the reused port or nothing at all, and gave up).
+    fn grace(&self) -> Duration {
+        let typical = Duration::from_micros(self.proof_micros.load(Ordering::Relaxed));
+        (typical * 4).clamp(PROOF_GRACE, MAX_PROOF_GRACE)
+    }
+
+    /// Folds one client's time to answer into the average (weight 1/8; a lost race between
+    /// two updates loses a sample, nothing more).
+    fn note_proof(&self, took: Duration) {
+        let sample = took.as_micros().min(u64::MAX as u128) as u64;
+        let old = self.proof_micros.load(Ordering::Relaxed);
+        let new = old - old / 8 + sample / 8;
+        self.proof_micros.store(new, Ordering::Relaxed);
     }
 
     /// Applies a reloaded access section; transfers in flight keep their slots.
@@ -252,7 +280,7 @@ impl Gate {
                 return Err(Refusal::Busy);
             }
             let displace = if st.total >= max_total {
-                match st.displace(Instant::now(), PROOF_GRACE) {
+                match st.displace(Instant::now(), self.grace()) {
                     Some(d) => Some(d),
                     None => return Err(Refusal::Busy),
                 }
@@ -340,7 +368,7 @@ impl Gate {
         let mut displaced = Vec::new();
         while !st.queue.is_empty() {
             if st.total >= max_total {
-                match st.displace(Instant::now(), PROOF_GRACE) {
+                match st.displace(Instant::now(), self.grace()) {
                     Some(d) => displaced.push(d),
                     None => break,
                 }
@@ -506,6 +534,26 @@ mod tests {
         assert_eq!(g.active(), 2);
         drop((newcomer, answering));
         assert_eq!(g.active(), 0);
+    }
+
+    #[tokio::test]
+    async fn slow_answering_clients_stretch_the_grace_of_silent_ones() {
+        let g = gate(1, 4);
+        // A storm: clients that do answer take 400 ms.
+        for _ in 0..40 {
+            g.note_proof(Duration::from_millis(400));
+        }
+        assert!(g.grace() > Duration::from_millis(1500), "{:?}", g.grace());
+        let slow = g.admit(ip(1), "tftp").unwrap();
+        slow.on_probation(Box::new(|| panic!("a slow phone was displaced")));
+        tokio::time::sleep(PROOF_GRACE + Duration::from_millis(100)).await;
+        assert_eq!(g.admit(ip(2), "tftp").unwrap_err(), Refusal::Busy);
+        // Never beyond the cap, however slow.
+        for _ in 0..80 {
+            g.note_proof(Duration::from_secs(30));
+        }
+        assert_eq!(g.grace(), MAX_PROOF_GRACE);
+        drop(slow);
     }
 
     #[test]

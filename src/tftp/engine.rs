@@ -14,6 +14,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -23,6 +24,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::debug;
 
 use super::feed::{read_ahead, Body, Feed};
+use super::inbox::{Inbox, BATCH};
 use super::packet::{ErrorCode, ErrorPacket, Mode, Packet};
 use super::server::{Source, Ticket, TransferReport};
 use super::transfer::{foreign_tid, Sender, Status};
@@ -168,8 +170,7 @@ struct Loop {
 impl Loop {
     fn run(&mut self) {
         let mut events = Events::with_capacity(1024);
-        // Clients send ACKs and ERRORs: a few hundred bytes at most; longer is garbage anyway.
-        let mut buf = vec![0u8; 2048];
+        let mut inbox = Inbox::new();
         loop {
             let timeout = self
                 .timers
@@ -187,7 +188,7 @@ impl Loop {
                         return;
                     }
                 } else {
-                    self.readable(ev.token().0, &mut buf);
+                    self.readable(ev.token().0, &mut inbox);
                 }
             }
             self.fire_timers();
@@ -283,16 +284,16 @@ impl Loop {
         self.drive(i);
     }
 
-    fn readable(&mut self, i: usize, buf: &mut [u8]) {
-        // Readiness is edge-triggered: read until the socket is empty. Each packet is answered
-        // before the next read, so the read that finds the socket empty is off the ACK -> DATA
-        // path (lock-step latency is the benchmark against tftpd-hpa).
+    fn readable(&mut self, i: usize, inbox: &mut Inbox) {
+        // Readiness is edge-triggered: read until the socket is empty (a short batch says so).
+        // Each packet is answered before the next read, so reading is off the ACK -> DATA path
+        // (lock-step latency is the benchmark against tftpd-hpa).
         loop {
             let Some(Some(t)) = self.table.get_mut(i) else {
                 return;
             };
-            let (n, from) = match t.sock.recv_from(buf) {
-                Ok(r) => r,
+            let n = match inbox.fill(t.sock.as_raw_fd()) {
+                Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 // ICMP port unreachable and the like: the client is gone or will retry.
                 Err(e) => {
@@ -300,19 +301,29 @@ impl Loop {
                     continue;
                 }
             };
-            if let Some(e) = foreign_tid(t.peer, from) {
-                let _ = t.sock.send_to(&e, from);
-                continue;
-            }
-            match Packet::decode(&buf[..n]) {
-                Ok(p) => t.sender.handle(&p, Instant::now()),
-                Err(e) => {
-                    let _ = t.sock.send_to(&e.reply().encode(), t.peer);
-                    let why = format!("malformed packet from client: {e}");
-                    return self.finish(i, Err(why));
+            for k in 0..n {
+                let Some(Some(t)) = self.table.get_mut(i) else {
+                    return;
+                };
+                let (data, from) = inbox.get(k);
+                let Some(from) = from else { continue };
+                if let Some(e) = foreign_tid(t.peer, from) {
+                    let _ = t.sock.send_to(&e, from);
+                    continue;
                 }
+                match Packet::decode(data) {
+                    Ok(p) => t.sender.handle(&p, Instant::now()),
+                    Err(e) => {
+                        let _ = t.sock.send_to(&e.reply().encode(), t.peer);
+                        let why = format!("malformed packet from client: {e}");
+                        return self.finish(i, Err(why));
+                    }
+                }
+                self.drive(i);
             }
-            self.drive(i);
+            if n < BATCH {
+                return;
+            }
         }
     }
 
