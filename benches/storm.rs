@@ -169,6 +169,8 @@ struct Row {
     resent: u32,
     /// The generator's CPU per phone booted, ms: it shares the two cores with the server.
     generator_ms_per_boot: f64,
+    /// The server's threads at their peak, by name.
+    thread_names: String,
     /// Why phones gave up, most common first (e.g. "ERROR 0", "gave up").
     failures: Vec<(String, usize)>,
 }
@@ -179,12 +181,15 @@ fn run(rt: &tokio::runtime::Runtime, server: &Server, n: usize) -> Row {
     let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let s2 = sampling.clone();
     let sampler = std::thread::spawn(move || {
-        let mut threads = 0;
+        let (mut threads, mut names) = (0, String::new());
         while s2.load(std::sync::atomic::Ordering::Relaxed) {
-            threads = threads.max(status_field(pid, "Threads:"));
+            let now = status_field(pid, "Threads:");
+            if now > threads {
+                (threads, names) = (now, thread_names(pid));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
-        threads
+        (threads, names)
     });
     let t = Instant::now();
     let gen0 = generator_cpu_seconds();
@@ -192,7 +197,7 @@ fn run(rt: &tokio::runtime::Runtime, server: &Server, n: usize) -> Row {
     let wall = t.elapsed().as_secs_f64();
     let generator = generator_cpu_seconds() - gen0;
     sampling.store(false, std::sync::atomic::Ordering::Relaxed);
-    let threads = sampler.join().unwrap();
+    let (threads, thread_names) = sampler.join().unwrap();
     let cpu = cpu_seconds(pid) - cpu0;
     let mut times: Vec<f64> = boots
         .iter()
@@ -232,7 +237,31 @@ fn run(rt: &tokio::runtime::Runtime, server: &Server, n: usize) -> Row {
         threads,
         resent: boots.iter().map(|b| b.resent).sum(),
         generator_ms_per_boot: generator * 1000.0 / booted.max(1) as f64,
+        thread_names,
     }
+}
+
+/// The threads of `pid` by name, with counts ("tokio-rt-worker ×4, sled-io-0, …").
+fn thread_names(pid: u32) -> String {
+    let mut names = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        // sled-io-3, tftp-loop-1: one entry per family.
+        let family = comm
+            .trim()
+            .trim_end_matches(|c: char| c.is_ascii_digit())
+            .to_string();
+        *names.entry(family).or_insert(0) += 1;
+    }
+    names
+        .iter()
+        .map(|(n, c)| format!("{n} ×{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn main() {
@@ -286,6 +315,7 @@ fn main() {
             }
             if let Some(admin) = server.admin {
                 eprintln!("{n} phones, {name}: {}", server_counters(admin));
+                eprintln!("{n} phones, {name}: threads at peak: {}", r.thread_names);
             }
             rows.push(r);
             drop(server);

@@ -53,6 +53,9 @@ impl std::fmt::Debug for Gate {
 #[derive(Default)]
 struct State {
     total: usize,
+    /// When a client that had answered last gave its slot back: slots are turning over, so
+    /// the queue is being served without displacing anyone.
+    last_served: Option<Instant>,
     /// Active and queued requests per client address.
     per_client: HashMap<IpAddr, usize>,
     /// Running transfers whose client has not answered yet, oldest first (proven or released
@@ -140,6 +143,9 @@ impl Drop for Slot {
         let handed = {
             let mut st = self.gate.state.lock().unwrap();
             st.release(&self.claim);
+            if self.claim.proven.load(Ordering::Acquire) {
+                st.last_served = Some(Instant::now());
+            }
             self.gate.hand_over(&mut st)
         };
         drop(handed);
@@ -160,6 +166,20 @@ impl State {
                 self.per_client.remove(&ip);
             }
         }
+    }
+
+    /// [`State::displace`] when slots have stopped turning over: no answering client gave one
+    /// back within `grace`. In a storm slots free by the hundred each second and a phone slow
+    /// to answer is not displaced (issue 12: every phone that failed at 5,000 had been); under
+    /// a flood of spoofed requests nobody answers, nothing frees, and silent transfers go.
+    fn displace_if_stuck(&mut self, now: Instant, grace: Duration) -> Option<Displace> {
+        if self
+            .last_served
+            .is_some_and(|at| now.saturating_duration_since(at) < grace)
+        {
+            return None;
+        }
+        self.displace(now, grace)
     }
 
     /// Frees the slot of the oldest transfer on probation past its grace, if any; returns
@@ -280,7 +300,7 @@ impl Gate {
                 return Err(Refusal::Busy);
             }
             let displace = if st.total >= max_total {
-                match st.displace(Instant::now(), self.grace()) {
+                match st.displace_if_stuck(Instant::now(), self.grace()) {
                     Some(d) => Some(d),
                     None => return Err(Refusal::Busy),
                 }
@@ -368,7 +388,7 @@ impl Gate {
         let mut displaced = Vec::new();
         while !st.queue.is_empty() {
             if st.total >= max_total {
-                match st.displace(Instant::now(), self.grace()) {
+                match st.displace_if_stuck(Instant::now(), self.grace()) {
                     Some(d) => displaced.push(d),
                     None => break,
                 }
@@ -534,6 +554,26 @@ mod tests {
         assert_eq!(g.active(), 2);
         drop((newcomer, answering));
         assert_eq!(g.active(), 0);
+    }
+
+    #[tokio::test]
+    async fn while_answering_clients_keep_finishing_a_slow_one_is_not_displaced() {
+        let g = gate(3, 4);
+        let slow = g.admit(ip(1), "tftp").unwrap();
+        slow.on_probation(Box::new(|| panic!("a slow phone was displaced in a storm")));
+        let _long = g.admit(ip(2), "tftp").unwrap();
+        _long.proven();
+        // A storm: transfers of answering clients end all the time, past the slow one's grace.
+        for _ in 0..8 {
+            let quick = g.admit(ip(3), "tftp").unwrap();
+            quick.proven();
+            drop(quick);
+            tokio::time::sleep(PROOF_GRACE / 5).await;
+        }
+        let _third = g.admit(ip(3), "tftp").unwrap();
+        // A full house: the newcomer waits (queues) rather than displacing the slow phone.
+        assert_eq!(g.admit(ip(4), "tftp").unwrap_err(), Refusal::Busy);
+        drop(slow);
     }
 
     #[tokio::test]

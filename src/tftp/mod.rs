@@ -10,6 +10,7 @@ mod inbox;
 pub mod netascii;
 pub mod packet;
 pub mod server;
+mod shared;
 pub mod transfer;
 
 pub use server::{Body, Content, OpenError, Origin, ReadRequest, Source, Ticket};
