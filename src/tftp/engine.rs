@@ -14,7 +14,6 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -24,7 +23,6 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::debug;
 
 use super::feed::{read_ahead, Body, Feed};
-use super::inbox::{Inbox, BATCH};
 use super::packet::{ErrorCode, ErrorPacket, Mode, Packet};
 use super::server::{Source, Ticket, TransferReport};
 use super::shared::SharedFiles;
@@ -175,7 +173,8 @@ struct Loop {
 impl Loop {
     fn run(&mut self) {
         let mut events = Events::with_capacity(1024);
-        let mut inbox = Inbox::new();
+        // Clients send ACKs and ERRORs: a few hundred bytes at most; longer is garbage anyway.
+        let mut buf = vec![0u8; 2048];
         loop {
             let timeout = self
                 .timers
@@ -193,7 +192,7 @@ impl Loop {
                         return;
                     }
                 } else {
-                    self.readable(ev.token().0, &mut inbox);
+                    self.readable(ev.token().0, &mut buf);
                 }
             }
             self.fire_timers();
@@ -290,16 +289,19 @@ impl Loop {
         self.drive(i);
     }
 
-    fn readable(&mut self, i: usize, inbox: &mut Inbox) {
-        // Readiness is edge-triggered: read until the socket is empty (a short batch says so).
-        // Each packet is answered before the next read, so reading is off the ACK -> DATA path
-        // (lock-step latency is the benchmark against tftpd-hpa).
+    fn readable(&mut self, i: usize, buf: &mut [u8]) {
+        // Readiness is edge-triggered: read until the socket is empty. Each packet is answered
+        // before the next read, so the read that finds the socket empty is off the ACK -> DATA
+        // path (lock-step latency is the benchmark against tftpd-hpa). Reading with recvmmsg
+        // instead (a short batch says the socket is empty, without that last read) measured
+        // 5-20 % slower lock-step at blksize 512: the look for a second datagram inside the
+        // same call is on the ACK's path, and the storm's CPU per boot did not move.
         loop {
             let Some(Some(t)) = self.table.get_mut(i) else {
                 return;
             };
-            let n = match inbox.fill(t.sock.as_raw_fd()) {
-                Ok(n) => n,
+            let (n, from) = match t.sock.recv_from(buf) {
+                Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 // ICMP port unreachable and the like: the client is gone or will retry.
                 Err(e) => {
@@ -307,29 +309,19 @@ impl Loop {
                     continue;
                 }
             };
-            for k in 0..n {
-                let Some(Some(t)) = self.table.get_mut(i) else {
-                    return;
-                };
-                let (data, from) = inbox.get(k);
-                let Some(from) = from else { continue };
-                if let Some(e) = foreign_tid(t.peer, from) {
-                    let _ = t.sock.send_to(&e, from);
-                    continue;
-                }
-                match Packet::decode(data) {
-                    Ok(p) => t.sender.handle(&p, Instant::now()),
-                    Err(e) => {
-                        let _ = t.sock.send_to(&e.reply().encode(), t.peer);
-                        let why = format!("malformed packet from client: {e}");
-                        return self.finish(i, Err(why));
-                    }
-                }
-                self.drive(i);
+            if let Some(e) = foreign_tid(t.peer, from) {
+                let _ = t.sock.send_to(&e, from);
+                continue;
             }
-            if n < BATCH {
-                return;
+            match Packet::decode(&buf[..n]) {
+                Ok(p) => t.sender.handle(&p, Instant::now()),
+                Err(e) => {
+                    let _ = t.sock.send_to(&e.reply().encode(), t.peer);
+                    let why = format!("malformed packet from client: {e}");
+                    return self.finish(i, Err(why));
+                }
             }
+            self.drive(i);
         }
     }
 

@@ -6,7 +6,6 @@
 pub mod client;
 mod engine;
 mod feed;
-mod inbox;
 pub mod netascii;
 pub mod packet;
 pub mod server;
