@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 struct Server {
     child: Child,
     addr: SocketAddr,
+    /// branchtftp's admin endpoint, for its counters after a run.
+    admin: Option<SocketAddr>,
 }
 
 impl Drop for Server {
@@ -38,11 +40,15 @@ fn free_port() -> u16 {
 
 fn branchtftp(root: &Path, cache: &Path) -> Server {
     let port = free_port();
+    let admin: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let cfg = cache.join("bt.yaml");
     std::fs::write(
         &cfg,
         format!(
-            "log: warn\ntftp:\n  listen: [\"127.0.0.1:{port}\"]\nhttp:\n  listen: []\nadmin:\n  listen: null\ncache:\n  dir: {}\n  overrides: {}\naccess:\n  allow: [\"127.0.0.0/8\"]\n",
+            "log: warn\ntftp:\n  listen: [\"127.0.0.1:{port}\"]\nhttp:\n  listen: []\nadmin:\n  listen: \"{admin}\"\ncache:\n  dir: {}\n  overrides: {}\naccess:\n  allow: [\"127.0.0.0/8\"]\n",
             cache.join("c").display(),
             root.display()
         ),
@@ -59,6 +65,7 @@ fn branchtftp(root: &Path, cache: &Path) -> Server {
     ready(Server {
         child,
         addr: ([127, 0, 0, 1], port).into(),
+        admin: Some(admin),
     })
 }
 
@@ -75,7 +82,33 @@ fn tftpd_hpa(root: &Path) -> Server {
     ready(Server {
         child,
         addr: ([127, 0, 0, 1], port).into(),
+        admin: None,
     })
+}
+
+/// branchtftp's own account of a run, from `/metrics`: requests told "busy", transfers of
+/// silent clients displaced, resent requests absorbed, refusals for want of descriptors.
+fn server_counters(admin: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut text = String::new();
+    if let Ok(mut c) = std::net::TcpStream::connect(admin) {
+        let _ = c.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n");
+        let _ = c.read_to_string(&mut text);
+    }
+    let sample = |prefix: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    };
+    format!(
+        "busy {}, displaced {}, resends absorbed {}, out of descriptors {}",
+        sample("branchtftp_refused_total{reason=\"busy\"}"),
+        sample("branchtftp_requests_total{protocol=\"tftp\",result=\"displaced\"}"),
+        sample("branchtftp_requests_total{protocol=\"tftp\",result=\"duplicate\"}"),
+        sample("branchtftp_refused_total{reason=\"descriptors\"}"),
+    )
 }
 
 /// Waits until the server answers a request (ERROR 1 for a missing name).
@@ -95,7 +128,16 @@ fn ready(s: Server) -> Server {
 
 /// utime + stime + children's (tftpd-hpa forks per transfer), in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    proc_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// The generator's own CPU (this process: the phones' runtime), in seconds.
+fn generator_cpu_seconds() -> f64 {
+    proc_cpu_seconds("/proc/self/stat")
+}
+
+fn proc_cpu_seconds(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<f64> = after
         .split_whitespace()
@@ -125,6 +167,10 @@ struct Row {
     rss_mb: f64,
     threads: u64,
     resent: u32,
+    /// The generator's CPU per phone booted, ms: it shares the two cores with the server.
+    generator_ms_per_boot: f64,
+    /// The server's threads at their peak, by name.
+    thread_names: String,
     /// Why phones gave up, most common first (e.g. "ERROR 0", "gave up").
     failures: Vec<(String, usize)>,
 }
@@ -135,18 +181,23 @@ fn run(rt: &tokio::runtime::Runtime, server: &Server, n: usize) -> Row {
     let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let s2 = sampling.clone();
     let sampler = std::thread::spawn(move || {
-        let mut threads = 0;
+        let (mut threads, mut names) = (0, String::new());
         while s2.load(std::sync::atomic::Ordering::Relaxed) {
-            threads = threads.max(status_field(pid, "Threads:"));
+            let now = status_field(pid, "Threads:");
+            if now > threads {
+                (threads, names) = (now, thread_names(pid));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
-        threads
+        (threads, names)
     });
     let t = Instant::now();
+    let gen0 = generator_cpu_seconds();
     let boots = rt.block_on(phones::storm(server.addr, n, Duration::from_secs(1)));
     let wall = t.elapsed().as_secs_f64();
+    let generator = generator_cpu_seconds() - gen0;
     sampling.store(false, std::sync::atomic::Ordering::Relaxed);
-    let threads = sampler.join().unwrap();
+    let (threads, thread_names) = sampler.join().unwrap();
     let cpu = cpu_seconds(pid) - cpu0;
     let mut times: Vec<f64> = boots
         .iter()
@@ -185,7 +236,32 @@ fn run(rt: &tokio::runtime::Runtime, server: &Server, n: usize) -> Row {
         rss_mb: status_field(pid, "VmHWM:") as f64 / 1024.0,
         threads,
         resent: boots.iter().map(|b| b.resent).sum(),
+        generator_ms_per_boot: generator * 1000.0 / booted.max(1) as f64,
+        thread_names,
     }
+}
+
+/// The threads of `pid` by name, with counts ("tokio-rt-worker ×4, sled-io-0, …").
+fn thread_names(pid: u32) -> String {
+    let mut names = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        // sled-io-3, tftp-loop-1: one entry per family.
+        let family = comm
+            .trim()
+            .trim_end_matches(|c: char| c.is_ascii_digit())
+            .to_string();
+        *names.entry(family).or_insert(0) += 1;
+    }
+    names
+        .iter()
+        .map(|(n, c)| format!("{n} ×{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn main() {
@@ -203,9 +279,12 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    println!("| phones | server | booted | gave up | p50 s | p99 s | wall s | resent | CPU ms/boot | peak RSS MB | threads |");
-    println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| phones | server | booted | gave up | p50 s | p99 s | wall s | resent | CPU ms/boot | generator CPU ms/boot | peak RSS MB | threads |");
+    println!(
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
     let mut goodput = Vec::new();
+    let mut targets: Vec<(String, bool)> = Vec::new();
     for &n in &ns {
         // A fresh server per N, so peak RSS is this N's.
         let mut rows = Vec::new();
@@ -215,7 +294,7 @@ fn main() {
         ] {
             let r = run(&rt, &server, n);
             println!(
-                "| {n} | {name} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {:.1} | {} |",
+                "| {n} | {name} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.1} | {} |",
                 r.booted,
                 r.gave_up,
                 r.p50,
@@ -223,6 +302,7 @@ fn main() {
                 r.wall,
                 r.resent,
                 r.cpu_per_boot_ms,
+                r.generator_ms_per_boot,
                 r.rss_mb,
                 if name == "tftpd-hpa" {
                     "-".to_string()
@@ -233,19 +313,58 @@ fn main() {
             if !r.failures.is_empty() {
                 eprintln!("{n} phones, {name}: gave up because {:?}", r.failures);
             }
+            if let Some(admin) = server.admin {
+                eprintln!("{n} phones, {name}: {}", server_counters(admin));
+                eprintln!("{n} phones, {name}: threads at peak: {}", r.thread_names);
+            }
             rows.push(r);
             drop(server);
             std::thread::sleep(Duration::from_secs(1));
         }
         goodput.push((n, rows[0].booted as f64 / rows[0].wall));
+        let cpu_ratio = rows[0].cpu_per_boot_ms / rows[1].cpu_per_boot_ms;
         println!(
-            "|  | ratio branchtftp/tftpd-hpa | | | | | {:.2} | | {:.2} | | |",
+            "|  | ratio branchtftp/tftpd-hpa | | | | | {:.2} | | {cpu_ratio:.2} | | | |",
             rows[0].wall / rows[1].wall,
-            rows[0].cpu_per_boot_ms / rows[1].cpu_per_boot_ms
         );
+        let bt = &rows[0];
+        targets.push((format!("{n} phones: all boot"), bt.gave_up == 0));
+        targets.push((
+            format!("{n} phones: server CPU per boot ≤ 0.5× tftpd-hpa's ({cpu_ratio:.2})"),
+            cpu_ratio <= 0.5,
+        ));
+        if n == max {
+            targets.push((
+                format!("{n} phones: peak RSS ≤ 64 MB ({:.1})", bt.rss_mb),
+                bt.rss_mb <= 64.0,
+            ));
+            targets.push((
+                format!("{n} phones: threads ≤ 16 ({})", bt.threads),
+                bt.threads <= 16,
+            ));
+        }
     }
     println!();
     for (n, g) in &goodput {
         println!("branchtftp goodput at {n}: {g:.0} boots/s");
+    }
+    let best_smaller = goodput
+        .iter()
+        .filter(|(n, _)| *n < max)
+        .map(|(_, g)| *g)
+        .fold(0.0, f64::max);
+    if let (Some((_, at_max)), true) = (goodput.last(), best_smaller > 0.0) {
+        let share = at_max / best_smaller;
+        targets.push((
+            format!(
+                "goodput at {max} ≥ 90 % of the best at a smaller N ({:.0} %)",
+                share * 100.0
+            ),
+            share >= 0.9,
+        ));
+    }
+    println!();
+    for (what, met) in &targets {
+        println!("{}  {what}", if *met { "met   " } else { "MISSED" });
     }
 }

@@ -49,6 +49,14 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// busy (no slot within the admission queue's wait, or the queue full), descriptors (the
+    /// process or system ran out of file descriptors), start_failed (the event loop could not
+    /// take the transfer)
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     /// seen, booting, upgrading, stuck
     pub state: &'static str,
@@ -85,6 +93,7 @@ pub struct Metrics {
     pub load_ready: Family<LoadLabels, Gauge>,
     pub upstream_up: Family<UpstreamLabels, Gauge>,
     pub upstream_transitions: Family<TransitionLabels, Counter>,
+    pub refused: Family<ReasonLabels, Counter>,
     active_tftp: ActiveGauge,
     active_http: ActiveGauge,
     registry: Registry,
@@ -166,6 +175,15 @@ impl Metrics {
             "Requests left out of the phones view because its queue was full",
             phone_observations_dropped.clone(),
         );
+        let refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "refused",
+            "Requests refused for want of a resource, by reason (busy, descriptors, start_failed)",
+            refused.clone(),
+        );
+        for reason in ["busy", "descriptors", "start_failed"] {
+            let _ = refused.get_or_create(&ReasonLabels { reason });
+        }
         for state in ["seen", "booting", "upgrading", "stuck"] {
             let _ = phones.get_or_create(&StateLabels { state });
         }
@@ -215,6 +233,7 @@ impl Metrics {
             phone_boots,
             phone_boot_seconds,
             phone_observations_dropped,
+            refused,
             load_ready,
             upstream_up,
             upstream_transitions,
@@ -226,6 +245,11 @@ impl Metrics {
         self.requests
             .get_or_create(&RequestLabels { protocol, result })
             .inc();
+    }
+
+    /// A request refused for want of `reason` (see [`ReasonLabels`]).
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     pub fn sent(&self, protocol: &'static str, bytes: u64) {

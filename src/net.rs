@@ -4,6 +4,8 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -13,11 +15,11 @@ fn socket(addr: SocketAddr, ty: Type, proto: Protocol) -> io::Result<Socket> {
     } else {
         Domain::IPV6
     };
-    let sock = Socket::new(domain, ty, Some(proto))?;
+    // Non-blocking from creation: one system call less per TFTP transfer.
+    let sock = Socket::new(domain, ty.nonblocking(), Some(proto))?;
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
     }
-    sock.set_nonblocking(true)?;
     Ok(sock)
 }
 
@@ -28,10 +30,14 @@ pub fn bind_udp(addr: SocketAddr, buffer: usize) -> io::Result<tokio::net::UdpSo
 }
 
 /// [`bind_udp`] for a socket driven outside tokio (the TFTP engine's loops); non-blocking.
+/// A `buffer` of 0 keeps the kernel's default buffers (a lock-step transfer needs no more,
+/// and a boot storm opens thousands of these sockets: two system calls saved on each).
 pub fn bind_udp_std(addr: SocketAddr, buffer: usize) -> io::Result<std::net::UdpSocket> {
     let sock = socket(addr, Type::DGRAM, Protocol::UDP)?;
-    let _ = sock.set_recv_buffer_size(buffer);
-    let _ = sock.set_send_buffer_size(buffer);
+    if buffer > 0 {
+        let _ = sock.set_recv_buffer_size(buffer);
+        let _ = sock.set_send_buffer_size(buffer);
+    }
     sock.bind(&addr.into())?;
     Ok(sock.into())
 }
@@ -49,6 +55,39 @@ pub fn raise_fd_limit() {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Whether `e` says the process (EMFILE) or the system (ENFILE) is out of file descriptors.
+pub fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// A storm at the limit fails every request the same way: one log line per this much time.
+const EXHAUSTION_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// When the last "out of descriptors" line was logged, and refusals since then.
+static EXHAUSTION: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
+
+/// Counts a request refused because a descriptor could not be had (`what` needed one) and
+/// logs the first of each burst with how many were refused since the previous line; the
+/// client only ever hears a fixed text.
+pub fn descriptors_exhausted(what: &str, e: &io::Error) {
+    crate::metrics::global().refused("descriptors");
+    let mut last = EXHAUSTION.lock().unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    match &mut *last {
+        Some((at, quiet)) if now.duration_since(*at) < EXHAUSTION_LOG_EVERY => *quiet += 1,
+        _ => {
+            let quiet = last.map_or(0, |(_, q)| q);
+            *last = Some((now, 0));
+            drop(last);
+            tracing::warn!(
+                "out of file descriptors ({what}: {e}); requests refused until some free \
+                 ({quiet} more since the last report); raise LimitNOFILE or lower \
+                 access.max_transfers"
+            );
         }
     }
 }

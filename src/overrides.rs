@@ -43,6 +43,9 @@ impl std::fmt::Debug for Overrides {
 struct Index {
     /// Lookup key (ASCII-folded relative path) → the relative path as spelled on disk.
     files: RwLock<HashMap<String, String>>,
+    /// The root with its symlinks resolved, as of the last rebuild (resolving it per request
+    /// cost a system call per path component, twice per booting phone's file).
+    real_root: RwLock<Option<PathBuf>>,
     stale: Arc<AtomicBool>,
     /// When the index was built, for the unwatched refresh.
     built: Mutex<Instant>,
@@ -58,6 +61,7 @@ impl Overrides {
             root,
             index: Arc::new(Index {
                 files: RwLock::new(HashMap::new()),
+                real_root: RwLock::new(None),
                 stale,
                 built: Mutex::new(Instant::now()),
                 watcher,
@@ -78,6 +82,7 @@ impl Overrides {
             let mut files = HashMap::new();
             scan(&self.root, "", 0, &mut files);
             *ix.files.write().unwrap() = files;
+            *ix.real_root.write().unwrap() = self.root.canonicalize().ok();
             *ix.built.lock().unwrap() = Instant::now();
         }
     }
@@ -93,7 +98,7 @@ impl Overrides {
         } else {
             self.root.join(spelled)
         };
-        let root = self.root.canonicalize().ok()?;
+        let root = self.index.real_root.read().unwrap().clone()?;
         let real = path.canonicalize().ok()?;
         (real.starts_with(&root) && real.is_file()).then_some(real)
     }
@@ -103,7 +108,11 @@ impl Overrides {
         let Some(path) = self.resolve(name) else {
             return Ok(None);
         };
-        let file = File::open(&path)?;
+        let file = File::open(&path).inspect_err(|e| {
+            if crate::net::out_of_descriptors(e) {
+                crate::net::descriptors_exhausted("override file", e);
+            }
+        })?;
         let size = file.metadata()?.len();
         Ok(Some((file, size)))
     }

@@ -682,7 +682,8 @@ async fn rrq_from(
     let started = Instant::now();
     sock.send_to(&rrq, server).await.unwrap();
     let mut buf = [0u8; 1024];
-    let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
+    // A request past max_transfers waits up to 3 s in the admission queue (gate::QUEUE_WAIT).
+    let (n, _) = tokio::time::timeout(Duration::from_secs(4), sock.recv_from(&mut buf))
         .await
         .expect("an answer, never silence")
         .unwrap();

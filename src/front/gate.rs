@@ -4,13 +4,13 @@
 //!
 //! Beyond the global limit, TFTP requests wait in a short FIFO queue and are served as slots
 //! free; "server busy" only when the queue is full or the wait runs out. A TFTP slot is cheap
-//! until its client proves it is there (acknowledges something): after [`PROOF_GRACE`] an
-//! unproven transfer may be displaced by a new request, so spoofed requests that will never be
+//! until its client proves it is there (acknowledges something): after a grace (at least
+//! [`PROOF_GRACE`], longer while answering clients are slow) an unproven transfer may be displaced by a new request, so spoofed requests that will never be
 //! answered cannot keep phones out. Proven transfers are never displaced.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,16 +19,27 @@ use tokio::sync::oneshot;
 use crate::config::AccessConfig;
 
 /// How long a new transfer's client gets to acknowledge its first packet before its slot may
-/// go to a new request: far above any LAN round trip, well under a phone's 1 s resend.
+/// go to a new request: far above any LAN round trip, well under a phone's 1 s resend. The
+/// least grace: see [`Gate::grace`].
 pub const PROOF_GRACE: Duration = Duration::from_millis(500);
-/// Longest wait in the admission queue before "server busy": a phone resends after about a
-/// second (its resends are absorbed by the queued request), so it hears within two.
-pub const QUEUE_WAIT: Duration = Duration::from_secs(1);
+/// The most grace, when real clients are slow to answer (a storm loading the phones' LAN or
+/// the box): still within a phone's patience, and within an unanswered transfer's life.
+const MAX_PROOF_GRACE: Duration = Duration::from_secs(2);
+/// Longest wait in the admission queue before "server busy". A phone resends its request each
+/// second (resends are absorbed by the queued request) and gives up after its fourth send
+/// goes unanswered, about 4 s after the first: a slot given within 3 s still reaches it, and
+/// "busy" earlier would fail a phone the storm would have served (issue 12: 130 of 5,000
+/// phones were told "busy" after a 1 s wait).
+pub const QUEUE_WAIT: Duration = Duration::from_secs(3);
+/// How often a non-empty queue looks for transfers on probation past their grace.
+const NUDGE_EVERY: Duration = Duration::from_millis(125);
 
 /// Admission control shared by the TFTP and HTTP front ends.
 pub struct Gate {
     access: Mutex<AccessConfig>,
     state: Mutex<State>,
+    /// Moving average of how long clients that did answer took to answer, in microseconds.
+    proof_micros: AtomicU64,
 }
 
 impl std::fmt::Debug for Gate {
@@ -42,6 +53,9 @@ impl std::fmt::Debug for Gate {
 #[derive(Default)]
 struct State {
     total: usize,
+    /// When a client that had answered last gave its slot back: slots are turning over, so
+    /// the queue is being served without displacing anyone.
+    last_served: Option<Instant>,
     /// Active and queued requests per client address.
     per_client: HashMap<IpAddr, usize>,
     /// Running transfers whose client has not answered yet, oldest first (proven or released
@@ -49,6 +63,9 @@ struct State {
     probation: VecDeque<Arc<Claim>>,
     queue: VecDeque<Waiter>,
     next_waiter: u64,
+    /// A task is nudging the queue (one per gate while it is not empty, not one per waiter:
+    /// thousands of waiters each waking 8 times a second cost a storm its CPU).
+    nudging: bool,
 }
 
 struct Waiter {
@@ -95,7 +112,7 @@ impl std::fmt::Debug for Slot {
 
 impl Slot {
     /// The transfer is running and waits for its client's first answer; after
-    /// [`PROOF_GRACE`] a new request may take the slot, calling `displace` to end it.
+    /// its grace ([`Gate::grace`]) a new request may take the slot, calling `displace` to end it.
     pub fn on_probation(&self, displace: Displace) {
         if self.claim.proven.load(Ordering::Acquire) {
             return;
@@ -112,7 +129,9 @@ impl Slot {
     /// The client answered: this transfer is never displaced.
     pub fn proven(&self) {
         self.claim.proven.store(true, Ordering::Release);
-        self.claim.probation.lock().unwrap().take();
+        if let Some((since, _)) = self.claim.probation.lock().unwrap().take() {
+            self.gate.note_proof(since.elapsed());
+        }
     }
 }
 
@@ -124,6 +143,9 @@ impl Drop for Slot {
         let handed = {
             let mut st = self.gate.state.lock().unwrap();
             st.release(&self.claim);
+            if self.claim.proven.load(Ordering::Acquire) {
+                st.last_served = Some(Instant::now());
+            }
             self.gate.hand_over(&mut st)
         };
         drop(handed);
@@ -144,6 +166,20 @@ impl State {
                 self.per_client.remove(&ip);
             }
         }
+    }
+
+    /// [`State::displace`] when slots have stopped turning over: no answering client gave one
+    /// back within `grace`. In a storm slots free by the hundred each second and a phone slow
+    /// to answer is not displaced (issue 12: every phone that failed at 5,000 had been); under
+    /// a flood of spoofed requests nobody answers, nothing frees, and silent transfers go.
+    fn displace_if_stuck(&mut self, now: Instant, grace: Duration) -> Option<Displace> {
+        if self
+            .last_served
+            .is_some_and(|at| now.saturating_duration_since(at) < grace)
+        {
+            return None;
+        }
+        self.displace(now, grace)
     }
 
     /// Frees the slot of the oldest transfer on probation past its grace, if any; returns
@@ -184,7 +220,27 @@ impl Gate {
         Arc::new(Gate {
             access: Mutex::new(access),
             state: Mutex::new(State::default()),
+            proof_micros: AtomicU64::new(0),
         })
+    }
+
+    /// How long a transfer on probation keeps its slot against a new request: four times what
+    /// answering clients take now, within [`PROOF_GRACE`]..[`MAX_PROOF_GRACE`]. Spoofed
+    /// sources never answer, so they do not stretch it; phones slowed by a storm do, and are
+    /// not displaced for being slow (issue 12: displaced phones heard "unknown transfer ID"
+    /// from the reused port or nothing at all, and gave up).
+    fn grace(&self) -> Duration {
+        let typical = Duration::from_micros(self.proof_micros.load(Ordering::Relaxed));
+        (typical * 4).clamp(PROOF_GRACE, MAX_PROOF_GRACE)
+    }
+
+    /// Folds one client's time to answer into the average (weight 1/8; a lost race between
+    /// two updates loses a sample, nothing more).
+    fn note_proof(&self, took: Duration) {
+        let sample = took.as_micros().min(u64::MAX as u128) as u64;
+        let old = self.proof_micros.load(Ordering::Relaxed);
+        let new = old - old / 8 + sample / 8;
+        self.proof_micros.store(new, Ordering::Relaxed);
     }
 
     /// Applies a reloaded access section; transfers in flight keep their slots.
@@ -230,6 +286,10 @@ impl Gate {
     /// Admits one transfer of `protocol` (`tftp` or `http`) from `ip` now, or says why not.
     /// HTTP uses this: a TCP client has proven its address, and it has its own retry.
     pub fn admit(self: &Arc<Self>, ip: IpAddr, protocol: &'static str) -> Result<Slot, Refusal> {
+        counted(self.try_admit(ip, protocol))
+    }
+
+    fn try_admit(self: &Arc<Self>, ip: IpAddr, protocol: &'static str) -> Result<Slot, Refusal> {
         if !self.allows(ip) {
             return Err(Refusal::Denied);
         }
@@ -240,7 +300,7 @@ impl Gate {
                 return Err(Refusal::Busy);
             }
             let displace = if st.total >= max_total {
-                match st.displace(Instant::now(), PROOF_GRACE) {
+                match st.displace_if_stuck(Instant::now(), self.grace()) {
                     Some(d) => Some(d),
                     None => return Err(Refusal::Busy),
                 }
@@ -263,7 +323,12 @@ impl Gate {
         ip: IpAddr,
         protocol: &'static str,
     ) -> Result<Slot, Refusal> {
-        let rx = match self.admit(ip, protocol) {
+        counted(self.enqueue(ip, protocol)?.wait().await)
+    }
+
+    /// [`Gate::admit_queued`] up to the wait: a slot now, or a place in the queue.
+    fn enqueue(self: &Arc<Self>, ip: IpAddr, protocol: &'static str) -> Result<Queued, Refusal> {
+        let rx = match self.try_admit(ip, protocol) {
             Err(Refusal::Busy) => {
                 let (max_total, max_client) = self.limits();
                 let mut st = self.state.lock().unwrap();
@@ -292,20 +357,26 @@ impl Gate {
                 });
                 *st.per_client.entry(ip).or_insert(0) += 1;
                 let handed = self.hand_over(&mut st);
+                let nudge = !st.queue.is_empty() && !std::mem::replace(&mut st.nudging, true);
                 drop(st);
                 drop(handed);
                 if let Some(d) = displaced {
                     d();
                 }
+                if nudge {
+                    tokio::spawn(self.clone().nudge_while_queued());
+                }
                 Queued {
                     gate: self.clone(),
                     id,
                     rx,
+                    waiting: true,
                 }
             }
-            other => return other,
+            Ok(slot) => Queued::granted(self, slot),
+            Err(e) => return Err(e),
         };
-        rx.wait().await
+        Ok(rx)
     }
 
     /// Gives free slots (and slots of transfers on probation past their grace) to the
@@ -317,7 +388,7 @@ impl Gate {
         let mut displaced = Vec::new();
         while !st.queue.is_empty() {
             if st.total >= max_total {
-                match st.displace(Instant::now(), PROOF_GRACE) {
+                match st.displace_if_stuck(Instant::now(), self.grace()) {
                     Some(d) => displaced.push(d),
                     None => break,
                 }
@@ -337,15 +408,33 @@ impl Gate {
         gone
     }
 
-    /// Hands slots of transfers whose grace has run out to queued requests. Called by the
-    /// queue's waiters while they wait, so a full house of silent clients drains.
-    fn nudge(self: &Arc<Self>) {
-        let handed = {
-            let mut st = self.state.lock().unwrap();
-            self.hand_over(&mut st)
-        };
-        drop(handed);
+    /// Hands slots of transfers whose grace has run out to queued requests while the queue is
+    /// not empty, so a full house of silent clients drains.
+    async fn nudge_while_queued(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(NUDGE_EVERY).await;
+            let handed = {
+                let mut st = self.state.lock().unwrap();
+                let handed = self.hand_over(&mut st);
+                if st.queue.is_empty() {
+                    st.nudging = false;
+                    drop(st);
+                    drop(handed);
+                    return;
+                }
+                handed
+            };
+            drop(handed);
+        }
     }
+}
+
+/// Counts a "busy" answer (`branchtftp_refused_total{reason="busy"}`).
+fn counted(r: Result<Slot, Refusal>) -> Result<Slot, Refusal> {
+    if matches!(r, Err(Refusal::Busy)) {
+        crate::metrics::global().refused("busy");
+    }
+    r
 }
 
 /// A request in the admission queue; leaving the queue (given up or timed out) on drop.
@@ -353,28 +442,39 @@ struct Queued {
     gate: Arc<Gate>,
     id: u64,
     rx: oneshot::Receiver<Slot>,
+    /// Still in the queue (not yet handed a slot).
+    waiting: bool,
 }
 
 impl Queued {
+    /// A request admitted at once: its slot is already in the channel.
+    fn granted(gate: &Arc<Gate>, slot: Slot) -> Queued {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(slot);
+        Queued {
+            gate: gate.clone(),
+            id: 0,
+            rx,
+            waiting: false,
+        }
+    }
+
     async fn wait(mut self) -> Result<Slot, Refusal> {
-        let deadline = tokio::time::Instant::now() + QUEUE_WAIT;
-        loop {
-            // Wake now and then to displace transfers whose grace ran out meanwhile.
-            let nap = (PROOF_GRACE / 4).min(deadline - tokio::time::Instant::now());
-            tokio::select! {
-                r = &mut self.rx => return r.map_err(|_| Refusal::Busy),
-                _ = tokio::time::sleep(nap) => {}
+        match tokio::time::timeout(QUEUE_WAIT, &mut self.rx).await {
+            Ok(Ok(slot)) => {
+                self.waiting = false;
+                Ok(slot)
             }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Refusal::Busy);
-            }
-            self.gate.nudge();
+            Ok(Err(_)) | Err(_) => Err(Refusal::Busy),
         }
     }
 }
 
 impl Drop for Queued {
     fn drop(&mut self) {
+        if !self.waiting {
+            return;
+        }
         let mut st = self.gate.state.lock().unwrap();
         if let Some(i) = st.queue.iter().position(|w| w.id == self.id) {
             let w = st.queue.remove(i).expect("found");
@@ -454,6 +554,46 @@ mod tests {
         assert_eq!(g.active(), 2);
         drop((newcomer, answering));
         assert_eq!(g.active(), 0);
+    }
+
+    #[tokio::test]
+    async fn while_answering_clients_keep_finishing_a_slow_one_is_not_displaced() {
+        let g = gate(3, 4);
+        let slow = g.admit(ip(1), "tftp").unwrap();
+        slow.on_probation(Box::new(|| panic!("a slow phone was displaced in a storm")));
+        let _long = g.admit(ip(2), "tftp").unwrap();
+        _long.proven();
+        // A storm: transfers of answering clients end all the time, past the slow one's grace.
+        for _ in 0..8 {
+            let quick = g.admit(ip(3), "tftp").unwrap();
+            quick.proven();
+            drop(quick);
+            tokio::time::sleep(PROOF_GRACE / 5).await;
+        }
+        let _third = g.admit(ip(3), "tftp").unwrap();
+        // A full house: the newcomer waits (queues) rather than displacing the slow phone.
+        assert_eq!(g.admit(ip(4), "tftp").unwrap_err(), Refusal::Busy);
+        drop(slow);
+    }
+
+    #[tokio::test]
+    async fn slow_answering_clients_stretch_the_grace_of_silent_ones() {
+        let g = gate(1, 4);
+        // A storm: clients that do answer take 400 ms.
+        for _ in 0..40 {
+            g.note_proof(Duration::from_millis(400));
+        }
+        assert!(g.grace() > Duration::from_millis(1500), "{:?}", g.grace());
+        let slow = g.admit(ip(1), "tftp").unwrap();
+        slow.on_probation(Box::new(|| panic!("a slow phone was displaced")));
+        tokio::time::sleep(PROOF_GRACE + Duration::from_millis(100)).await;
+        assert_eq!(g.admit(ip(2), "tftp").unwrap_err(), Refusal::Busy);
+        // Never beyond the cap, however slow.
+        for _ in 0..80 {
+            g.note_proof(Duration::from_secs(30));
+        }
+        assert_eq!(g.grace(), MAX_PROOF_GRACE);
+        drop(slow);
     }
 
     #[test]

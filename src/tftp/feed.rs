@@ -1,9 +1,10 @@
 //! Where a transfer's blocks come from, cut to exactly `blksize` bytes (the final block shorter,
 //! and empty when the size is a multiple of blksize, RFC 1350 §6).
 //!
-//! A file on disk (a cache hit, an override) is read with `pread` at the transfer's offset, one
-//! block at a time, by the event loop itself: the bytes come from the page cache, so a
-//! transfer holds no buffer beyond its window and needs no task. A miss streaming through from
+//! A small file on disk (a cache hit, an override) is sent from memory shared by every
+//! transfer of the same version ([`SharedFiles`]); a larger one is read with `pread` at the
+//! transfer's offset, one block ahead, by the event loop itself: the bytes come from the page
+//! cache, so a transfer holds no buffer beyond its window and needs no task. A miss streaming through from
 //! an upstream is read by a task on the runtime into a channel of two chunks; the loop is woken
 //! per chunk. Either way a source that ends early is an error, never a short final block: a
 //! truncated file must never look complete.
@@ -12,6 +13,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -19,6 +21,7 @@ use tokio::sync::mpsc;
 
 use super::netascii;
 use super::packet::Mode;
+use super::shared::SharedFiles;
 
 /// Bytes a source hands the server.
 pub enum Body {
@@ -46,6 +49,11 @@ enum Raw {
         _keep: Box<dyn Send>,
     },
     Stream(mpsc::Receiver<Chunk>),
+    /// A small file read whole, shared with every transfer of the same version.
+    Memory {
+        data: Arc<[u8]>,
+        offset: usize,
+    },
 }
 
 /// The blocks of one transfer.
@@ -59,8 +67,21 @@ pub(crate) struct Feed {
 }
 
 impl Feed {
-    /// A file of `size` bytes read with `pread`; bytes past `size` are never sent.
-    pub fn file(file: File, size: u64, keep: Box<dyn Send>, mode: Mode, blksize: u16) -> Feed {
+    /// A file of `size` bytes; bytes past `size` are never sent. A small one comes from
+    /// `shared` (and its descriptor and `keep` are let go at once), a larger one is read with
+    /// `pread` block by block.
+    pub fn file(
+        file: File,
+        size: u64,
+        keep: Box<dyn Send>,
+        mode: Mode,
+        blksize: u16,
+        shared: &SharedFiles,
+    ) -> Feed {
+        // A failed read here is retried block by block, where it fails the transfer properly.
+        if let Ok(Some(data)) = shared.get(&file, size) {
+            return Feed::new(Raw::Memory { data, offset: 0 }, mode, blksize);
+        }
         Feed::new(
             Raw::File {
                 file,
@@ -109,6 +130,16 @@ impl Feed {
         }
     }
 
+    /// Reads the next block of a file ahead, so the ACK that asks for it is answered without a
+    /// read. Streams are not touched (their chunks arrive by themselves).
+    pub fn prefetch(&mut self) -> io::Result<()> {
+        if matches!(self.raw, Raw::File { .. }) && !self.ended && self.pending.len() < self.blksize
+        {
+            self.fill()?;
+        }
+        Ok(())
+    }
+
     /// Adds bytes to `pending` or marks the end; `false` when a stream must be waited for.
     fn fill(&mut self) -> io::Result<bool> {
         match &mut self.raw {
@@ -120,14 +151,36 @@ impl Feed {
                     self.ended = true;
                     return Ok(true);
                 }
-                let mut buf = vec![0u8; want];
-                let n = file.read_at(&mut buf, *offset)?;
+                let n = match self.mode {
+                    // Straight into the pending bytes: no buffer of its own per block.
+                    Mode::Octet => {
+                        let start = self.pending.len();
+                        self.pending.resize(start + want, 0);
+                        let n = file.read_at(&mut self.pending[start..], *offset);
+                        self.pending.truncate(start + *n.as_ref().unwrap_or(&0));
+                        n?
+                    }
+                    Mode::Netascii => {
+                        let mut buf = vec![0u8; want];
+                        let n = file.read_at(&mut buf, *offset)?;
+                        push(&mut self.pending, self.mode, &buf[..n]);
+                        n
+                    }
+                };
                 if n == 0 {
                     return Err(io::Error::other("file shorter than its size"));
                 }
-                buf.truncate(n);
                 *offset += n as u64;
-                push(&mut self.pending, self.mode, &buf);
+                Ok(true)
+            }
+            Raw::Memory { data, offset } => {
+                let end = (*offset + self.blksize).min(data.len());
+                if *offset == end {
+                    self.ended = true;
+                } else {
+                    push(&mut self.pending, self.mode, &data[*offset..end]);
+                    *offset = end;
+                }
                 Ok(true)
             }
             Raw::Stream(rx) => match rx.try_recv() {
@@ -193,6 +246,10 @@ pub(crate) async fn read_ahead(
 mod tests {
     use super::*;
 
+    fn shared() -> SharedFiles {
+        SharedFiles::default()
+    }
+
     fn blocks(feed: &mut Feed) -> Vec<Bytes> {
         let mut out = Vec::new();
         loop {
@@ -209,16 +266,33 @@ mod tests {
     fn a_file_is_cut_into_blocks_with_an_empty_final_one_on_a_boundary() {
         let mut f = tempfile::tempfile().unwrap();
         std::io::Write::write_all(&mut f, &[7u8; 1024]).unwrap();
-        let mut feed = Feed::file(f, 1024, Box::new(()), Mode::Octet, 512);
+        let mut feed = Feed::file(f, 1024, Box::new(()), Mode::Octet, 512, &shared());
+        assert!(
+            matches!(feed.raw, Raw::Memory { .. }),
+            "a small file is shared"
+        );
         let b = blocks(&mut feed);
         assert_eq!(b.iter().map(|b| b.len()).collect::<Vec<_>>(), [512, 512, 0]);
+    }
+
+    #[test]
+    fn a_large_file_is_read_block_by_block_into_the_same_cuts() {
+        let size = super::super::shared::SHARED_MAX as usize + 512;
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, &vec![7u8; size]).unwrap();
+        let mut feed = Feed::file(f, size as u64, Box::new(()), Mode::Octet, 512, &shared());
+        assert!(matches!(feed.raw, Raw::File { .. }));
+        let b = blocks(&mut feed);
+        assert_eq!(b.len(), size / 512 + 1);
+        assert!(b[..b.len() - 1].iter().all(|b| b.len() == 512));
+        assert!(b.last().unwrap().is_empty());
     }
 
     #[test]
     fn a_file_shorter_than_its_size_is_an_error_not_a_final_block() {
         let mut f = tempfile::tempfile().unwrap();
         std::io::Write::write_all(&mut f, &[7u8; 600]).unwrap();
-        let mut feed = Feed::file(f, 2000, Box::new(()), Mode::Octet, 512);
+        let mut feed = Feed::file(f, 2000, Box::new(()), Mode::Octet, 512, &shared());
         assert_eq!(feed.try_next().unwrap().unwrap().len(), 512);
         assert!(feed.try_next().is_err());
     }
@@ -227,7 +301,7 @@ mod tests {
     fn netascii_blocks_are_cut_after_translation() {
         let mut f = tempfile::tempfile().unwrap();
         std::io::Write::write_all(&mut f, b"a\nb\n").unwrap();
-        let mut feed = Feed::file(f, 4, Box::new(()), Mode::Netascii, 8);
+        let mut feed = Feed::file(f, 4, Box::new(()), Mode::Netascii, 8, &shared());
         let b = blocks(&mut feed);
         assert_eq!(&b[0][..], b"a\r\nb\r\n");
     }

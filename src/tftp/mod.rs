@@ -9,6 +9,7 @@ mod feed;
 pub mod netascii;
 pub mod packet;
 pub mod server;
+mod shared;
 pub mod transfer;
 
 pub use server::{Body, Content, OpenError, Origin, ReadRequest, Source, Ticket};

@@ -27,7 +27,7 @@ pub use super::packet::Mode;
 use super::packet::{ErrorCode, ErrorPacket, Packet, MAX_REQUEST_LEN, OP_RRQ, OP_WRQ};
 use super::transfer::{accept, Limits, Sender};
 use crate::name::{FileName, NameError};
-use crate::net::{bind_udp, bind_udp_std};
+use crate::net::{bind_udp, bind_udp_std, descriptors_exhausted, out_of_descriptors};
 
 /// What a front end learns about a read request before it opens the file.
 #[derive(Debug, Clone)]
@@ -474,13 +474,21 @@ impl<S: Source> Door<S> {
             .map(|a| SocketAddr::new(a.ip(), 0))
             .unwrap_or_else(|_| "0.0.0.0:0".parse().unwrap());
         let buffer = (params.blksize as usize + 4) * params.windowsize as usize * 2;
-        let sock = match bind_udp_std(local, buffer.max(64 * 1024)) {
+        // Below 64 KiB the kernel's default buffers (208 KiB on Linux) already hold it.
+        let buffer = if buffer <= 64 * 1024 { 0 } else { buffer };
+        let sock = match bind_udp_std(local, buffer) {
             Ok(s) => s,
             Err(e) => {
-                // Out of descriptors (or ports): refused generically and counted.
-                warn!(client = %peer, name = %name, "cannot open a transfer socket: {e}");
+                // Out of descriptors (or ports): a fixed text for the phone, which asks again;
+                // counted, and logged once per burst rather than once per request.
+                if out_of_descriptors(&e) {
+                    descriptors_exhausted("TFTP transfer socket", &e);
+                } else {
+                    warn!(client = %peer, name = %name, "cannot open a transfer socket: {e}");
+                    crate::metrics::global().refused("start_failed");
+                }
                 crate::metrics::global().request("tftp", "error");
-                refuse(listener, peer, BUSY).await;
+                refuse(listener, peer, OpenError::Unavailable.reply()).await;
                 return;
             }
         };
