@@ -137,9 +137,9 @@ impl Source for TftpFront {
     }
 
     fn open(&self, req: ReadRequest) -> BoxFuture<'_, Result<Content, OpenError>> {
-        // The moment the request was handed over, not when its future is first polled: the
-        // miss's one-timeout bound runs from here.
-        let asked = Instant::now();
+        // The moment the datagram was read, not when this future is first polled: the miss's
+        // one-timeout bound runs from there.
+        let asked = req.arrived;
         Box::pin(async move {
             let metrics = crate::metrics::global();
             let slot = match self.gate.admit_queued(req.client.ip(), "tftp").await {

@@ -35,6 +35,9 @@ pub struct ReadRequest {
     pub name: FileName,
     pub client: SocketAddr,
     pub mode: Mode,
+    /// When the request's datagram was read from the listener: a miss's one-timeout bound
+    /// runs from here, whatever admission and scheduling cost before the source is asked.
+    pub arrived: Instant,
 }
 
 /// Bytes to send. `size` is known for files on disk and for misses whose upstream announced
@@ -344,6 +347,7 @@ async fn refuse(sock: &UdpSocket, peer: SocketAddr, e: ErrorPacket) {
 impl<S: Source> Door<S> {
     /// Screens one datagram on a listener, cheapest check first.
     async fn datagram(self: &Arc<Self>, sock: &Arc<UdpSocket>, peer: SocketAddr, data: &[u8]) {
+        let arrived = Instant::now();
         if data.len() < 4 {
             // Not even an opcode and a name: nothing to answer.
             return;
@@ -422,7 +426,13 @@ impl<S: Source> Door<S> {
         let (door, sock) = (self.clone(), sock.clone());
         tokio::spawn(async move {
             let _opening = Opening(&door.opening);
-            door.serve(&sock, peer, pkt, mode, name, entry).await
+            let req = ReadRequest {
+                name,
+                client: peer,
+                mode,
+                arrived,
+            };
+            door.serve(&sock, req, pkt, entry).await
         });
     }
 
@@ -431,18 +441,12 @@ impl<S: Source> Door<S> {
     async fn serve(
         &self,
         listener: &UdpSocket,
-        peer: SocketAddr,
+        req: ReadRequest,
         rrq: Packet,
-        mode: Mode,
-        name: FileName,
         entry: InProgress<S>,
     ) {
         let started = Instant::now();
-        let req = ReadRequest {
-            name: name.clone(),
-            client: peer,
-            mode,
-        };
+        let (peer, mode, name) = (req.client, req.mode, req.name.clone());
         let mut report = TransferReport {
             client: peer,
             name: name.to_string(),
