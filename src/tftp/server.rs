@@ -196,9 +196,11 @@ pub struct Server {
     sockets: Vec<Arc<UdpSocket>>,
 }
 
-/// Size of socket buffers for listeners and transfers: a full window of large blocks must fit
-/// or the kernel drops packets and recovery costs a timeout (peers.md).
-const MIN_SOCKET_BUFFER: usize = 1 << 20;
+/// Receive buffer asked for each listener: a boot storm's thousands of RRQs, or a flood of
+/// junk beside them, arrive faster than one loaded core screens them, and a phone whose RRQ
+/// the kernel drops waits out its own resend timer (curl: seconds). 4 MiB holds about 5,000
+/// small datagrams; the kernel caps the request at `net.core.rmem_max`.
+const LISTEN_BUFFER: usize = 4 << 20;
 
 /// Event-loop threads: one per core, at most four (more buys nothing for a lock-step
 /// protocol whose cost is per datagram, and each loop is a thread the unit must allow).
@@ -214,7 +216,7 @@ impl Server {
         crate::net::raise_fd_limit();
         let mut sockets = Vec::new();
         for addr in &cfg.listen {
-            let sock = bind_udp(*addr, MIN_SOCKET_BUFFER)
+            let sock = bind_udp(*addr, LISTEN_BUFFER)
                 .map_err(|e| io::Error::new(e.kind(), format!("TFTP listen {addr}: {e}")))?;
             sockets.push(Arc::new(sock));
         }
