@@ -77,8 +77,8 @@ pub struct PhoneGet {
 }
 
 /// A phone-like lock-step download (tsize asked, RRQ resent every 2 s for 16 s, patient enough
-/// for the default 10 s upstream timeout). The server starts a transfer per resent RRQ, so
-/// the branch allows 256 per client: a storm's waiting phones are all on 127.0.0.1.
+/// for the default 10 s upstream timeout; the server absorbs the resends). A storm's phones are
+/// all on 127.0.0.1, so the branch allows 256 transfers per client.
 pub async fn phone_get(addr: SocketAddr, name: &str) -> PhoneGet {
     let opts = ClientOptions {
         timeout: Duration::from_secs(2),
