@@ -18,10 +18,13 @@
 //! Needs in.tftpd (tftpd-hpa). Takes about three minutes. Not a CI test: tests/hostile.rs drives
 //! each attack against the real server and asserts that phones are served.
 
+#[path = "support/proc.rs"]
+mod proc;
+
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 const CONFIG: &str = "SEP001122334455.cnf.xml";
@@ -46,22 +49,6 @@ impl Drop for Server {
     }
 }
 
-fn free_udp() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn free_tcp() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn content(size: usize, seed: u8) -> Vec<u8> {
     (0..size)
         .map(|i| seed.wrapping_add((i % 251) as u8))
@@ -71,7 +58,11 @@ fn content(size: usize, seed: u8) -> Vec<u8> {
 /// branchtftp with the product's default limits, the files imported into its cache, no
 /// upstream (every answer comes from the branch).
 fn branchtftp(files: &Path, dir: &Path) -> Server {
-    let (tftp, http, admin) = (free_udp(), free_tcp(), free_tcp());
+    let (tftp, http, admin) = (
+        proc::free_udp_port(),
+        proc::free_tcp_port(),
+        proc::free_tcp_port(),
+    );
     let cfg = dir.join("bt.yaml");
     std::fs::write(
         &cfg,
@@ -85,24 +76,8 @@ fn branchtftp(files: &Path, dir: &Path) -> Server {
     )
     .unwrap();
     std::fs::create_dir_all(dir.join("overrides")).unwrap();
-    let bin = env!("CARGO_BIN_EXE_branchtftp");
-    let import = Command::new(bin)
-        .args(["cache", "import"])
-        .arg(files)
-        .arg("-c")
-        .arg(&cfg)
-        .env_remove("BRANCHTFTP_CONFIG")
-        .output()
-        .expect("branchtftp cache import");
-    assert!(import.status.success(), "cache import: {import:?}");
-    let child = Command::new(bin)
-        .args(["serve", "-c"])
-        .arg(&cfg)
-        .env_remove("BRANCHTFTP_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start branchtftp");
+    proc::import_into_cache(files, &cfg);
+    let child = proc::spawn_branchtftp(&cfg);
     ready(Server {
         name: "branchtftp",
         child,
@@ -113,15 +88,7 @@ fn branchtftp(files: &Path, dir: &Path) -> Server {
 }
 
 fn tftpd_hpa(files: &Path) -> Server {
-    let port = free_udp();
-    let child = Command::new("in.tftpd")
-        .args(["-L", "-a", &format!("127.0.0.1:{port}"), "-s"])
-        .arg(files)
-        .args(["-u", "nobody"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start in.tftpd (apt-get install tftpd-hpa)");
+    let (child, port) = proc::spawn_tftpd_hpa(files);
     ready(Server {
         name: "tftpd-hpa",
         child,
@@ -310,20 +277,9 @@ fn slots_held(s: &Server) -> u64 {
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum::<f64>() as u64
         }
-        None => children(s.child.id()),
+        // tftpd-hpa forks one process per transfer.
+        None => proc::processes(s.child.id()).len() as u64 - 1,
     }
-}
-
-/// Live child processes of `pid` (tftpd-hpa forks one per transfer).
-fn children(pid: u32) -> u64 {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
-        .filter(|stat| {
-            let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-            after.split_whitespace().nth(1) == Some(&pid.to_string())
-        })
-        .count() as u64
 }
 
 /// The spoofed burst: 16 RRQs with `timeout 255` from each of 256 addresses, each from its own

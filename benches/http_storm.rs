@@ -15,11 +15,13 @@
 
 #[path = "http_storm/phones.rs"]
 mod phones;
+#[path = "support/proc.rs"]
+mod proc;
 
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 struct Server {
     name: &'static str,
@@ -43,26 +45,6 @@ impl Drop for Server {
     }
 }
 
-fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn branchtftp_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_branchtftp")
-}
-
 /// A config for `serve` with the cache in `state`, HTTP on `port`, no admin endpoint.
 fn branchtftp_config(state: &Path, port: u16) -> std::path::PathBuf {
     let cfg = state.join(format!("bt-{port}.yaml"));
@@ -70,7 +52,7 @@ fn branchtftp_config(state: &Path, port: u16) -> std::path::PathBuf {
         &cfg,
         format!(
             "log: warn\ntftp:\n  listen: [\"127.0.0.1:{}\"]\nhttp:\n  listen: [\"127.0.0.1:{port}\"]\nadmin:\n  listen: null\ncache:\n  dir: {}\n  overrides: {}\naccess:\n  allow: [\"127.0.0.0/8\"]\n",
-            free_udp_port(),
+            proc::free_udp_port(),
             state.join("cache").display(),
             state.join("overrides").display(),
         ),
@@ -83,28 +65,13 @@ fn branchtftp_config(state: &Path, port: u16) -> std::path::PathBuf {
 /// new box.
 fn seed_cache(root: &Path, state: &Path) {
     std::fs::create_dir_all(state.join("overrides")).unwrap();
-    let cfg = branchtftp_config(state, free_tcp_port());
-    let out = Command::new(branchtftp_bin())
-        .args(["cache", "import"])
-        .arg(root)
-        .arg("-c")
-        .arg(&cfg)
-        .env_remove("BRANCHTFTP_CONFIG")
-        .output()
-        .expect("run branchtftp cache import");
-    assert!(out.status.success(), "cache import: {out:?}");
+    let cfg = branchtftp_config(state, proc::free_tcp_port());
+    proc::import_into_cache(root, &cfg);
 }
 
 fn branchtftp(state: &Path) -> Server {
-    let port = free_tcp_port();
-    let child = Command::new(branchtftp_bin())
-        .args(["serve", "-c"])
-        .arg(branchtftp_config(state, port))
-        .env_remove("BRANCHTFTP_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start branchtftp");
+    let port = proc::free_tcp_port();
+    let child = proc::spawn_branchtftp(&branchtftp_config(state, port));
     ready(Server {
         name: "branchtftp",
         child,
@@ -113,7 +80,7 @@ fn branchtftp(state: &Path) -> Server {
 }
 
 fn nginx(root: &Path, state: &Path) -> Server {
-    let port = free_tcp_port();
+    let port = proc::free_tcp_port();
     let dir = state.join(format!("nginx-{port}"));
     std::fs::create_dir_all(dir.join("temp")).unwrap();
     let conf = dir.join("nginx.conf");
@@ -168,111 +135,16 @@ fn ready(s: Server) -> Server {
     panic!("{} on {} did not answer", s.name, s.addr);
 }
 
-/// The server and its children (nginx's workers).
-fn processes(pid: u32) -> Vec<u32> {
-    let mut all = vec![pid];
-    let children =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    all.extend(
-        children
-            .split_whitespace()
-            .filter_map(|c| c.parse::<u32>().ok()),
-    );
-    all
-}
-
-/// utime + stime of one process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<f64> = after
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0.0))
-        .collect();
-    // Fields 14-15 of stat(5); `after` starts at field 3.
-    let ticks: f64 = f.get(11..13).map(|s| s.iter().sum()).unwrap_or(0.0);
-    ticks / 100.0
-}
-
-fn status_field(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn sum_over(pids: &[u32], f: impl Fn(u32) -> f64) -> f64 {
-    pids.iter().map(|p| f(*p)).sum()
-}
-
-struct Row {
-    booted: usize,
-    gave_up: usize,
-    p50: f64,
-    p99: f64,
-    wall: f64,
-    resent: u32,
-    cpu_per_boot_ms: f64,
-    rss_mb: f64,
-    threads: u64,
-    failures: Vec<(String, usize)>,
-}
-
-fn run(rt: &tokio::runtime::Runtime, server: &Server, n: usize) -> Row {
-    let pids = processes(server.child.id());
-    let cpu0 = sum_over(&pids, cpu_seconds);
-    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let (s2, p2) = (sampling.clone(), pids.clone());
-    let sampler = std::thread::spawn(move || {
-        let mut threads = 0;
-        while s2.load(std::sync::atomic::Ordering::Relaxed) {
-            threads = threads.max(sum_over(&p2, |p| status_field(p, "Threads:") as f64) as u64);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        threads
+/// One storm of `n` phones against `server`: how they booted and what the server spent.
+fn run(
+    rt: &tokio::runtime::Runtime,
+    server: &Server,
+    n: usize,
+) -> (phones::files::Summary, proc::Cost) {
+    let (boots, cost) = proc::measure(server.child.id(), || {
+        rt.block_on(phones::storm(server.addr, n, Duration::from_secs(1)))
     });
-    let t = Instant::now();
-    let boots = rt.block_on(phones::storm(server.addr, n, Duration::from_secs(1)));
-    let wall = t.elapsed().as_secs_f64();
-    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
-    let threads = sampler.join().unwrap();
-    let cpu = sum_over(&pids, cpu_seconds) - cpu0;
-    let mut times: Vec<f64> = boots
-        .iter()
-        .filter(|b| b.booted)
-        .map(|b| b.took.as_secs_f64())
-        .collect();
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let pct = |p: f64| {
-        times
-            .get(((times.len() as f64 * p) as usize).min(times.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
-    let mut failures = std::collections::BTreeMap::new();
-    for b in &boots {
-        if let Some(f) = &b.failure {
-            let why = f.split_once(": ").map_or(f.as_str(), |(_, w)| w);
-            *failures.entry(why.to_string()).or_insert(0) += 1;
-        }
-    }
-    let mut failures: Vec<_> = failures.into_iter().collect();
-    failures.sort_by_key(|f| std::cmp::Reverse(f.1));
-    let booted = times.len();
-    Row {
-        booted,
-        gave_up: n - booted,
-        p50: pct(0.5),
-        p99: pct(0.99),
-        wall,
-        resent: boots.iter().map(|b| b.resent).sum(),
-        cpu_per_boot_ms: cpu * 1000.0 / booted.max(1) as f64,
-        rss_mb: sum_over(&pids, |p| status_field(p, "VmHWM:") as f64) / 1024.0,
-        threads,
-        failures,
-    }
+    (phones::files::Summary::of(&boots), cost)
 }
 
 fn main() {
@@ -318,34 +190,35 @@ fn main() {
                 _ => nginx(root.path(), state.path()),
             };
             let r = run(&rt, &server, n);
+            let (boots, cost) = (&r.0, &r.1);
             println!(
                 "| {n} | {name} | {} | {} | {:.3} | {:.3} | {:.2} | {} | {:.2} | {:.1} | {} |",
-                r.booted,
-                r.gave_up,
-                r.p50,
-                r.p99,
-                r.wall,
-                r.resent,
-                r.cpu_per_boot_ms,
-                r.rss_mb,
-                r.threads,
+                boots.booted,
+                boots.gave_up,
+                boots.p50,
+                boots.p99,
+                cost.wall,
+                boots.resent,
+                cost.cpu_ms_per(boots.booted),
+                cost.rss_mb,
+                cost.threads,
             );
-            if !r.failures.is_empty() {
-                eprintln!("{n} phones, {name}: gave up because {:?}", r.failures);
+            if !boots.failures.is_empty() {
+                eprintln!("{n} phones, {name}: gave up because {:?}", boots.failures);
             }
             rows.push((name, r));
             drop(server);
             std::thread::sleep(Duration::from_secs(1));
         }
         rows.sort_by_key(|(name, _)| *name != "branchtftp");
-        let (bt, ng) = (&rows[0].1, &rows[1].1);
+        let ((bt, bt_cost), (ng, ng_cost)) = (&rows[0].1, &rows[1].1);
         println!(
             "|  | ratio branchtftp/nginx | | | {:.2} | {:.2} | {:.2} | | {:.2} | {:.2} | |",
             bt.p50 / ng.p50,
             bt.p99 / ng.p99,
-            bt.wall / ng.wall,
-            bt.cpu_per_boot_ms / ng.cpu_per_boot_ms,
-            bt.rss_mb / ng.rss_mb,
+            bt_cost.wall / ng_cost.wall,
+            bt_cost.cpu_ms_per(bt.booted) / ng_cost.cpu_ms_per(ng.booted),
+            bt_cost.rss_mb / ng_cost.rss_mb,
         );
     }
     println!();

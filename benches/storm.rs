@@ -10,11 +10,13 @@
 
 #[path = "storm/phones.rs"]
 mod phones;
+#[path = "support/proc.rs"]
+mod proc;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Child;
+use std::time::Duration;
 
 struct Server {
     child: Child,
@@ -30,16 +32,8 @@ impl Drop for Server {
     }
 }
 
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn branchtftp(root: &Path, cache: &Path) -> Server {
-    let port = free_port();
+    let port = proc::free_udp_port();
     let admin: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -54,14 +48,7 @@ fn branchtftp(root: &Path, cache: &Path) -> Server {
         ),
     )
     .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_branchtftp"))
-        .args(["serve", "-c"])
-        .arg(&cfg)
-        .env_remove("BRANCHTFTP_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start branchtftp");
+    let child = proc::spawn_branchtftp(&cfg);
     ready(Server {
         child,
         addr: ([127, 0, 0, 1], port).into(),
@@ -70,15 +57,7 @@ fn branchtftp(root: &Path, cache: &Path) -> Server {
 }
 
 fn tftpd_hpa(root: &Path) -> Server {
-    let port = free_port();
-    let child = Command::new("in.tftpd")
-        .args(["-L", "-a", &format!("127.0.0.1:{port}"), "-s"])
-        .arg(root)
-        .args(["-u", "nobody"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start in.tftpd (apt-get install tftpd-hpa)");
+    let (child, port) = proc::spawn_tftpd_hpa(root);
     ready(Server {
         child,
         addr: ([127, 0, 0, 1], port).into(),
@@ -126,142 +105,12 @@ fn ready(s: Server) -> Server {
     panic!("server on {} did not answer", s.addr);
 }
 
-/// utime + stime + children's (tftpd-hpa forks per transfer), in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    proc_cpu_seconds(&format!("/proc/{pid}/stat"))
-}
-
-/// The generator's own CPU (this process: the phones' runtime), in seconds.
-fn generator_cpu_seconds() -> f64 {
-    proc_cpu_seconds("/proc/self/stat")
-}
-
-fn proc_cpu_seconds(path: &str) -> f64 {
-    let stat = std::fs::read_to_string(path).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<f64> = after
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0.0))
-        .collect();
-    // Fields 14-17 of stat(5); `after` starts at field 3.
-    let ticks = f.get(11..15).map(|s| s.iter().sum()).unwrap_or(0.0);
-    ticks / 100.0
-}
-
-fn status_field(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-struct Row {
-    booted: usize,
-    gave_up: usize,
-    p50: f64,
-    p99: f64,
-    wall: f64,
-    cpu_per_boot_ms: f64,
-    rss_mb: f64,
-    threads: u64,
-    resent: u32,
-    /// The generator's CPU per phone booted, ms: it shares the two cores with the server.
-    generator_ms_per_boot: f64,
-    /// The server's threads at their peak, by name.
-    thread_names: String,
-    /// Why phones gave up, most common first (e.g. "ERROR 0", "gave up").
-    failures: Vec<(String, usize)>,
-}
-
-fn run(rt: &tokio::runtime::Runtime, server: &Server, n: usize) -> Row {
-    let pid = server.child.id();
-    let cpu0 = cpu_seconds(pid);
-    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let s2 = sampling.clone();
-    let sampler = std::thread::spawn(move || {
-        let (mut threads, mut names) = (0, String::new());
-        while s2.load(std::sync::atomic::Ordering::Relaxed) {
-            let now = status_field(pid, "Threads:");
-            if now > threads {
-                (threads, names) = (now, thread_names(pid));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        (threads, names)
+/// One storm of `n` phones against `server`: how they booted and what the server spent.
+fn run(rt: &tokio::runtime::Runtime, server: &Server, n: usize) -> (phones::Summary, proc::Cost) {
+    let (boots, cost) = proc::measure(server.child.id(), || {
+        rt.block_on(phones::storm(server.addr, n, Duration::from_secs(1)))
     });
-    let t = Instant::now();
-    let gen0 = generator_cpu_seconds();
-    let boots = rt.block_on(phones::storm(server.addr, n, Duration::from_secs(1)));
-    let wall = t.elapsed().as_secs_f64();
-    let generator = generator_cpu_seconds() - gen0;
-    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
-    let (threads, thread_names) = sampler.join().unwrap();
-    let cpu = cpu_seconds(pid) - cpu0;
-    let mut times: Vec<f64> = boots
-        .iter()
-        .filter(|b| b.booted)
-        .map(|b| b.took.as_secs_f64())
-        .collect();
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let pct = |p: f64| {
-        times
-            .get(((times.len() as f64 * p) as usize).min(times.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
-    let booted = times.len();
-    let mut failures = std::collections::BTreeMap::new();
-    for b in &boots {
-        if let Some(f) = &b.failure {
-            // "NAME: Reason": keep the reason only.
-            let why = f
-                .split_once(": ")
-                .map_or(f.as_str(), |(_, w)| w)
-                .to_string();
-            *failures.entry(why).or_insert(0) += 1;
-        }
-    }
-    let mut failures: Vec<_> = failures.into_iter().collect();
-    failures.sort_by_key(|f| std::cmp::Reverse(f.1));
-    Row {
-        failures,
-        booted,
-        gave_up: n - booted,
-        p50: pct(0.5),
-        p99: pct(0.99),
-        wall,
-        cpu_per_boot_ms: cpu * 1000.0 / booted.max(1) as f64,
-        rss_mb: status_field(pid, "VmHWM:") as f64 / 1024.0,
-        threads,
-        resent: boots.iter().map(|b| b.resent).sum(),
-        generator_ms_per_boot: generator * 1000.0 / booted.max(1) as f64,
-        thread_names,
-    }
-}
-
-/// The threads of `pid` by name, with counts ("tokio-rt-worker ×4, sled-io-0, …").
-fn thread_names(pid: u32) -> String {
-    let mut names = std::collections::BTreeMap::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        // sled-io-3, tftp-loop-1: one entry per family.
-        let family = comm
-            .trim()
-            .trim_end_matches(|c: char| c.is_ascii_digit())
-            .to_string();
-        *names.entry(family).or_insert(0) += 1;
-    }
-    names
-        .iter()
-        .map(|(n, c)| format!("{n} ×{c}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    (phones::Summary::of(&boots), cost)
 }
 
 fn main() {
@@ -293,41 +142,42 @@ fn main() {
             ("tftpd-hpa", tftpd_hpa(root.path())),
         ] {
             let r = run(&rt, &server, n);
+            let (boots, cost) = (&r.0, &r.1);
             println!(
                 "| {n} | {name} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.1} | {} |",
-                r.booted,
-                r.gave_up,
-                r.p50,
-                r.p99,
-                r.wall,
-                r.resent,
-                r.cpu_per_boot_ms,
-                r.generator_ms_per_boot,
-                r.rss_mb,
+                boots.booted,
+                boots.gave_up,
+                boots.p50,
+                boots.p99,
+                cost.wall,
+                boots.resent,
+                cost.cpu_ms_per(boots.booted),
+                cost.generator_ms_per(boots.booted),
+                cost.rss_mb,
                 if name == "tftpd-hpa" {
                     "-".to_string()
                 } else {
-                    r.threads.to_string()
+                    cost.threads.to_string()
                 }
             );
-            if !r.failures.is_empty() {
-                eprintln!("{n} phones, {name}: gave up because {:?}", r.failures);
+            if !boots.failures.is_empty() {
+                eprintln!("{n} phones, {name}: gave up because {:?}", boots.failures);
             }
             if let Some(admin) = server.admin {
                 eprintln!("{n} phones, {name}: {}", server_counters(admin));
-                eprintln!("{n} phones, {name}: threads at peak: {}", r.thread_names);
+                eprintln!("{n} phones, {name}: threads at peak: {}", cost.thread_names);
             }
             rows.push(r);
             drop(server);
             std::thread::sleep(Duration::from_secs(1));
         }
-        goodput.push((n, rows[0].booted as f64 / rows[0].wall));
-        let cpu_ratio = rows[0].cpu_per_boot_ms / rows[1].cpu_per_boot_ms;
+        let ((bt, bt_cost), (hpa, hpa_cost)) = (&rows[0], &rows[1]);
+        goodput.push((n, bt.booted as f64 / bt_cost.wall));
+        let cpu_ratio = bt_cost.cpu_ms_per(bt.booted) / hpa_cost.cpu_ms_per(hpa.booted);
         println!(
             "|  | ratio branchtftp/tftpd-hpa | | | | | {:.2} | | {cpu_ratio:.2} | | | |",
-            rows[0].wall / rows[1].wall,
+            bt_cost.wall / hpa_cost.wall,
         );
-        let bt = &rows[0];
         targets.push((format!("{n} phones: all boot"), bt.gave_up == 0));
         targets.push((
             format!("{n} phones: server CPU per boot ≤ 0.5× tftpd-hpa's ({cpu_ratio:.2})"),
@@ -335,12 +185,12 @@ fn main() {
         ));
         if n == max {
             targets.push((
-                format!("{n} phones: peak RSS ≤ 64 MB ({:.1})", bt.rss_mb),
-                bt.rss_mb <= 64.0,
+                format!("{n} phones: peak RSS ≤ 64 MB ({:.1})", bt_cost.rss_mb),
+                bt_cost.rss_mb <= 64.0,
             ));
             targets.push((
-                format!("{n} phones: threads ≤ 16 ({})", bt.threads),
-                bt.threads <= 16,
+                format!("{n} phones: threads ≤ 16 ({})", bt_cost.threads),
+                bt_cost.threads <= 16,
             ));
         }
     }

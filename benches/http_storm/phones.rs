@@ -28,19 +28,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Boots `phones` phones against the HTTP server at `server`, all starting within `spread`;
 /// phone `i` connects from 127.1.x.y, its own address, as the TFTP phones do.
 pub async fn storm(server: SocketAddr, phones: usize, spread: Duration) -> Vec<Boot> {
-    let mut tasks = Vec::with_capacity(phones);
-    for i in 0..phones {
-        let delay = spread.mul_f64(i as f64 / phones.max(1) as f64);
-        tasks.push(tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            boot(server, i).await
-        }));
-    }
-    let mut boots = Vec::with_capacity(phones);
-    for t in tasks {
-        boots.push(t.await.unwrap());
-    }
-    boots
+    files::stagger(phones, spread, move |i| boot(server, i)).await
 }
 
 /// The files phone `i` asks for, in order, with the content expected (`None`: a 404).

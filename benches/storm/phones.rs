@@ -64,12 +64,22 @@ pub struct Boot {
 /// Boots `phones` phones against `server`, all starting within `spread`; phone `i` binds a
 /// source address of 127.0.0.0/8 of its own group of 250 so per-client limits see many hosts.
 pub async fn storm(server: SocketAddr, phones: usize, spread: Duration) -> Vec<Boot> {
+    stagger(phones, spread, move |i| boot(server, i)).await
+}
+
+/// Starts `boot(i)` for `phones` phones spread evenly over `spread`; their boots in order.
+pub async fn stagger<F, Fut>(phones: usize, spread: Duration, boot: F) -> Vec<Boot>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Boot> + Send + 'static,
+{
     let mut tasks = Vec::with_capacity(phones);
     for i in 0..phones {
         let delay = spread.mul_f64(i as f64 / phones.max(1) as f64);
+        let booting = boot(i);
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            boot(server, i).await
+            booting.await
         }));
     }
     let mut boots = Vec::with_capacity(phones);
@@ -77,6 +87,52 @@ pub async fn storm(server: SocketAddr, phones: usize, spread: Duration) -> Vec<B
         boots.push(t.await.unwrap());
     }
     boots
+}
+
+/// A storm's boots in figures.
+pub struct Summary {
+    pub booted: usize,
+    pub gave_up: usize,
+    /// Boot times of the phones that booted, seconds.
+    pub p50: f64,
+    pub p99: f64,
+    /// Requests sent again (TFTP) or tries repeated (HTTP).
+    pub resent: u32,
+    /// Why phones gave up, most common first (e.g. "ERROR 0", "gave up").
+    pub failures: Vec<(String, usize)>,
+}
+
+impl Summary {
+    pub fn of(boots: &[Boot]) -> Summary {
+        let mut times: Vec<f64> = boots
+            .iter()
+            .filter(|b| b.booted)
+            .map(|b| b.took.as_secs_f64())
+            .collect();
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let pct = |p: f64| {
+            times
+                .get(((times.len() as f64 * p) as usize).min(times.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        let mut failures = std::collections::BTreeMap::new();
+        for f in boots.iter().filter_map(|b| b.failure.as_deref()) {
+            // "NAME: Reason": keep the reason only.
+            let why = f.split_once(": ").map_or(f, |(_, w)| w);
+            *failures.entry(why.to_string()).or_insert(0) += 1;
+        }
+        let mut failures: Vec<_> = failures.into_iter().collect();
+        failures.sort_by_key(|f| std::cmp::Reverse(f.1));
+        Summary {
+            booted: times.len(),
+            gave_up: boots.len() - times.len(),
+            p50: pct(0.5),
+            p99: pct(0.99),
+            resent: boots.iter().map(|b| b.resent).sum(),
+            failures,
+        }
+    }
 }
 
 async fn boot(server: SocketAddr, i: usize) -> Boot {
