@@ -16,6 +16,7 @@
 //! | [`tftp::client`] | tokio driver for downloads, yielding bytes as they arrive |
 //! | [`net`] | binding UDP and TCP sockets (v6-only IPv6, buffer sizes) for every listener |
 //! | [`name`] | phone file names: normalization, case folding, rejection of escapes |
+//! | [`content`] | what a request is answered with ([`content::Found`]: size, body, origin), one type from the miss path through the resolver to the TFTP engine and the HTTP handler |
 //! | [`front`] | request → overrides/cache/miss; [`front::gate`] is admission (allow list, per-client and global limits, the queue, cheap slots for unproven TFTP clients); [`front::http`] is the phones' HTTP on 6970 ([`front::hot`]: its small cached files kept in memory); [`front::conn`] the HTTP connection server (limits, timeouts, `TCP_NODELAY`) |
 //! | [`overrides`] | the local overrides directory that wins over upstream copies, indexed and kept current by notify |
 //! | [`cache`] | the local store: sled index + plain files, atomic publish, recovery, quota, verify, import |
@@ -36,6 +37,7 @@ pub mod admin;
 pub mod app;
 pub mod cache;
 pub mod config;
+pub mod content;
 pub mod demo;
 pub mod front;
 pub mod get;

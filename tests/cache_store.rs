@@ -346,19 +346,18 @@ fn class_rules_from_yaml_override_the_defaults() {
     );
 }
 
-#[tokio::test]
-async fn cached_file_streams_through_async_read_and_stays_in_use() {
-    use tokio::io::AsyncReadExt;
+#[test]
+fn a_cached_file_stays_in_use_while_it_is_read() {
+    use std::io::Read;
     let d = tempfile::tempdir().unwrap();
     let cache = open(d.path(), u64::MAX);
     publish(&cache, "kern.sbn", &[9u8; 70_000]);
-    let f = cache.open_file("kern.sbn").unwrap().unwrap();
+    let mut f = cache.open_file("kern.sbn").unwrap().unwrap();
     let size = f.entry.size;
-    let mut r = f.into_async_read();
     assert!(cache.in_use("kern.sbn"));
     let mut buf = Vec::new();
-    r.read_to_end(&mut buf).await.unwrap();
+    f.read_to_end(&mut buf).unwrap();
     assert_eq!(buf.len() as u64, size);
-    drop(r);
+    drop(f);
     assert!(!cache.in_use("kern.sbn"));
 }

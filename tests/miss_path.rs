@@ -834,23 +834,24 @@ async fn open_and_read(
     fetcher: &std::sync::Arc<branchtftp::upstream::flight::Fetcher>,
     name: &str,
 ) -> Result<Vec<u8>, String> {
-    use branchtftp::upstream::flight::Served;
+    use branchtftp::content::Body;
     use tokio::io::AsyncReadExt;
     let name = branchtftp::name::FileName::parse(name).unwrap();
     match fetcher
         .open(&name, std::time::Instant::now())
         .await
         .map_err(|e| e.to_string())?
+        .body
     {
-        Served::Hit(_) => Err("unexpected hit".into()),
-        Served::Miss(mut m) => {
+        Body::Stream(mut reader) => {
             let mut out = Vec::new();
-            m.reader
+            reader
                 .read_to_end(&mut out)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(out)
         }
+        Body::Cached(_) | Body::Local(_) => Err("unexpected hit".into()),
     }
 }
 

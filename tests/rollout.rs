@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use branchtftp::config::{ClassWindows, SyncConfig, UpstreamConfig, WindowSpec};
+use branchtftp::content::{Body, Found};
 use branchtftp::name::FileName;
 use branchtftp::sync::{Scope, WallClock};
-use branchtftp::upstream::flight::Served;
 use jiff::tz::TimeZone;
 use jiff::Zoned;
 use support::{WanLink, WanRelay};
@@ -99,9 +99,12 @@ async fn outside_the_firmware_window_only_a_phone_miss_fetches_firmware() {
         .open(&FileName::parse(wanted).unwrap(), std::time::Instant::now())
         .await
     {
-        Ok(Served::Miss(mut m)) => {
+        Ok(Found {
+            body: Body::Stream(mut reader),
+            ..
+        }) => {
             let mut buf = Vec::new();
-            tokio::io::AsyncReadExt::read_to_end(&mut m.reader, &mut buf)
+            tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut buf)
                 .await
                 .unwrap();
             assert_eq!(buf, origin.file(wanted).unwrap());

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use branchtftp::config::{ConfigsMode, SyncConfig, UpstreamConfig};
+use branchtftp::content::{Body, Found};
 use branchtftp::name::FileName;
 use branchtftp::sync::{PassResult, Scope, SystemClock};
-use branchtftp::upstream::flight::Served;
 
 use support::*;
 use sync_common::*;
@@ -232,9 +232,12 @@ async fn max_rate_paces_the_sync_but_never_a_phone_miss() {
     let miss_started = Instant::now();
     let name = FileName::parse("phone-wants-this.bin").unwrap();
     match r.fetcher.open(&name, Instant::now()).await {
-        Ok(Served::Miss(mut m)) => {
+        Ok(Found {
+            body: Body::Stream(mut reader),
+            ..
+        }) => {
             let mut buf = Vec::new();
-            tokio::io::AsyncReadExt::read_to_end(&mut m.reader, &mut buf)
+            tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut buf)
                 .await
                 .unwrap();
             assert_eq!(buf.len(), big.len());

@@ -32,15 +32,12 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tokio::io::{AsyncRead, ReadBuf};
 use tracing::{info, warn};
 
 pub use class::{ClassRule, ClassRules, FileClass};
@@ -422,17 +419,6 @@ pub struct CachedFile {
     pub guard: InUse,
 }
 
-impl CachedFile {
-    /// An async reader for a front end (`tftp::Content { size: Some(entry.size), reader }`);
-    /// keeps the file in use until the reader is dropped.
-    pub fn into_async_read(self) -> CachedReader {
-        CachedReader {
-            file: tokio::fs::File::from_std(self.file),
-            _guard: self.guard,
-        }
-    }
-}
-
 impl io::Read for CachedFile {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.file.read(buf)
@@ -460,22 +446,6 @@ impl Drop for InUse {
                 st.in_use.remove(&self.key);
             }
         }
-    }
-}
-
-/// [`CachedFile`] as a tokio `AsyncRead`.
-pub struct CachedReader {
-    file: tokio::fs::File,
-    _guard: InUse,
-}
-
-impl AsyncRead for CachedReader {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().file).poll_read(cx, buf)
     }
 }
 

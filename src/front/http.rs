@@ -16,7 +16,8 @@ use futures::StreamExt;
 use tracing::info;
 
 use super::hot::HotFiles;
-use super::{Found, FoundBody, Gate, Lookup, Refusal, Resolver};
+use super::{Gate, Lookup, Refusal, Resolver};
+use crate::content::{self, Found};
 use crate::name::FileName;
 
 #[derive(Clone)]
@@ -191,14 +192,14 @@ async fn serve_file(
         }),
         Content::Streamed(found) => {
             let stream = match found.body {
-                FoundBody::Cached(f) => {
+                content::Body::Cached(f) => {
                     let f = *f;
                     let size = f.entry.size;
                     disk_stream(f.file, f.guard, size)
                 }
                 // An override's size is always known (read from its metadata when opened).
-                FoundBody::Local(f) => disk_stream(f, (), found.size.unwrap_or_default()),
-                FoundBody::Stream(r) => {
+                content::Body::Local(f) => disk_stream(f, (), found.size.unwrap_or_default()),
+                content::Body::Stream(r) => {
                     tokio_util::io::ReaderStream::with_capacity(r, CHUNK).boxed()
                 }
             };
@@ -262,14 +263,14 @@ async fn find(served: &Served, name: &FileName) -> Result<Content, Lookup> {
     let small = size.is_some_and(|n| served.hot.wants(n));
     let unreadable = |e: std::io::Error| Lookup::Failed(format!("cannot read {name}: {e}"));
     match body {
-        FoundBody::Cached(file) if small => {
+        content::Body::Cached(file) if small => {
             let copy = served.hot.load(*file).map_err(unreadable)?;
             Ok(Content::Memory {
                 body: copy.body,
                 source: copy.source,
             })
         }
-        FoundBody::Local(file) if small => {
+        content::Body::Local(file) if small => {
             use std::io::Read;
             let want = size.unwrap_or_default();
             let mut buf = Vec::with_capacity(want as usize);

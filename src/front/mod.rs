@@ -16,46 +16,10 @@ use tracing::info;
 
 pub use gate::{Gate, Refusal, Slot};
 
+use crate::content::{Body, Found, Origin};
 use crate::overrides::Overrides;
-use crate::tftp::server::{
-    Body, Content, OpenError, Origin, ReadRequest, Source, Ticket, TransferReport,
-};
-use crate::upstream::flight::{Fetcher, Served};
-
-/// Content found for a request, independent of the protocol that will carry it.
-pub struct Found {
-    pub size: Option<u64>,
-    pub body: FoundBody,
-    pub origin: Origin,
-}
-
-/// Where a found file's bytes come from.
-pub enum FoundBody {
-    /// A cache hit: a complete file, kept in use (never evicted) while it is read.
-    Cached(Box<crate::cache::CachedFile>),
-    /// An override: a local file.
-    Local(std::fs::File),
-    /// A miss streaming through from an upstream.
-    Stream(std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>),
-}
-
-impl FoundBody {
-    /// The TFTP engine's view: files are read with `pread` by the event loop (the cache's
-    /// in-use mark travels with the file), streams by a task.
-    pub fn into_tftp_body(self) -> Body {
-        match self {
-            FoundBody::Cached(f) => Body::File {
-                file: f.file,
-                keep: Box::new(f.guard),
-            },
-            FoundBody::Local(file) => Body::File {
-                file,
-                keep: Box::new(()),
-            },
-            FoundBody::Stream(r) => Body::Stream(r),
-        }
-    }
-}
+use crate::tftp::server::{Content, OpenError, ReadRequest, Source, Ticket, TransferReport};
+use crate::upstream::flight::Fetcher;
 
 /// Why a request gets no content: the miss path's own error (one type across the boundary;
 /// the alias keeps the HTTP handler's name for it).
@@ -84,7 +48,7 @@ impl Resolver {
                 Ok(Some((file, size))) => {
                     return Ok(Found {
                         size: Some(size),
-                        body: FoundBody::Local(file),
+                        body: Body::Local(file),
                         origin: Origin::Local,
                     })
                 }
@@ -95,21 +59,7 @@ impl Resolver {
         let Some(fetcher) = &self.fetcher else {
             return Err(Lookup::NotFound);
         };
-        match fetcher.open(name, asked).await? {
-            Served::Hit(file) => {
-                let source = file.entry.source.clone();
-                Ok(Found {
-                    size: Some(file.entry.size),
-                    body: FoundBody::Cached(Box::new(file)),
-                    origin: Origin::Hit { source },
-                })
-            }
-            Served::Miss(m) => Ok(Found {
-                size: m.size,
-                body: FoundBody::Stream(m.reader),
-                origin: Origin::Miss { source: m.source },
-            }),
-        }
+        fetcher.open(name, asked).await
     }
 }
 
@@ -159,9 +109,7 @@ impl Source for TftpFront {
                 Ok(found) => {
                     crate::phones::started(req.client.ip(), req.name.as_str(), "tftp", found.size);
                     Ok(Content {
-                        size: found.size,
-                        body: found.body.into_tftp_body(),
-                        origin: found.origin,
+                        found,
                         ticket: Box::new(slot),
                     })
                 }
@@ -187,7 +135,7 @@ impl Source for TftpFront {
                 &r.name,
                 "tftp",
                 r.bytes,
-                r.outcome.clone().err(),
+                r.outcome.as_ref().err().map(ToString::to_string),
             );
             metrics.sent("tftp", r.bytes);
             metrics.request(

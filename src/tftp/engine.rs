@@ -22,11 +22,12 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::debug;
 
-use super::feed::{read_ahead, Body, Feed};
+use super::feed::{read_ahead, Feed};
 use super::packet::{ErrorCode, ErrorPacket, Mode, Packet};
-use super::server::{Source, Ticket, TransferReport};
+use super::server::{Source, Ticket, TransferError, TransferReport};
 use super::shared::SharedFiles;
 use super::transfer::{foreign_tid, Sender, Status};
+use crate::content::Body;
 
 const WAKE: Token = Token(usize::MAX);
 
@@ -206,7 +207,7 @@ impl Loop {
                 Cmd::Start(job) => self.insert(*job),
                 Cmd::Data(i, g) if self.is_live(i, g) => self.drive(i),
                 Cmd::Cancel(i, g) if self.is_live(i, g) => {
-                    self.finish(i, Err("displaced by a new request before answering".into()))
+                    self.finish(i, Err(TransferError::Displaced))
                 }
                 Cmd::Data(..) | Cmd::Cancel(..) => {}
                 Cmd::Stop => return false,
@@ -240,7 +241,7 @@ impl Loop {
             self.free.push(i);
             self.active.fetch_sub(1, Ordering::AcqRel);
             let mut report = job.report;
-            report.outcome = Err(format!("cannot watch the transfer socket: {e}"));
+            report.outcome = Err(TransferError::NotStarted(e.to_string()));
             drop(job.ticket);
             job.source.finished(&report);
             return;
@@ -249,9 +250,22 @@ impl Loop {
         let window = job.sender.params().windowsize as usize;
         let mut reader = None;
         let feed = match job.body {
-            Body::File { file, keep } => {
+            // A cache hit's in-use mark lives as long as the transfer: no eviction under it.
+            Body::Cached(f) => {
+                let f = *f;
                 let size = job.size.unwrap_or(u64::MAX);
-                Feed::file(file, size, keep, job.mode, blksize, &self.shared)
+                Feed::file(
+                    f.file,
+                    size,
+                    Box::new(f.guard),
+                    job.mode,
+                    blksize,
+                    &self.shared,
+                )
+            }
+            Body::Local(file) => {
+                let size = job.size.unwrap_or(u64::MAX);
+                Feed::file(file, size, Box::new(()), job.mode, blksize, &self.shared)
             }
             Body::Stream(r) => {
                 // Read ahead about two windows, in chunks of 8-64 KiB: enough to never starve
@@ -317,8 +331,7 @@ impl Loop {
                 Ok(p) => t.sender.handle(&p, Instant::now()),
                 Err(e) => {
                     let _ = t.sock.send_to(&e.reply().encode(), t.peer);
-                    let why = format!("malformed packet from client: {e}");
-                    return self.finish(i, Err(why));
+                    return self.finish(i, Err(TransferError::Malformed(e)));
                 }
             }
             self.drive(i);
@@ -362,14 +375,10 @@ impl Loop {
                 debug!(client = %t.peer, "client ended after OACK with ERROR {}: {}", code.as_u16(), message.escape_debug());
                 Some(Ok(()))
             }
-            Status::PeerError { code, .. } => {
-                Some(Err(format!("client sent ERROR {}", code.as_u16())))
-            }
-            Status::TimedOut if !t.sender.is_proven() => {
-                Some(Err("client never answered".to_string()))
-            }
-            Status::TimedOut => Some(Err("client stopped answering".to_string())),
-            Status::Protocol(m) => Some(Err(m.clone())),
+            Status::PeerError { code, .. } => Some(Err(TransferError::ClientError(code.as_u16()))),
+            Status::TimedOut if !t.sender.is_proven() => Some(Err(TransferError::NeverAnswered)),
+            Status::TimedOut => Some(Err(TransferError::StoppedAnswering)),
+            Status::Protocol(m) => Some(Err(TransferError::Protocol(m.clone()))),
         };
         if let Some(outcome) = outcome {
             self.finish(i, outcome);
@@ -395,7 +404,7 @@ impl Loop {
             let e2 = ErrorPacket::new(ErrorCode::NotDefined, "transfer failed").encode();
             let _ = t.sock.send_to(&e2, t.peer);
         }
-        self.finish(i, Err(format!("source failed: {e}")));
+        self.finish(i, Err(TransferError::Source(e.to_string())));
     }
 
     fn fire_timers(&mut self) {
@@ -429,7 +438,7 @@ impl Loop {
         }
     }
 
-    fn finish(&mut self, i: usize, outcome: Result<(), String>) {
+    fn finish(&mut self, i: usize, outcome: Result<(), TransferError>) {
         let Some(mut t) = self.table.get_mut(i).and_then(Option::take) else {
             return;
         };

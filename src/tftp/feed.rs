@@ -23,16 +23,6 @@ use super::netascii;
 use super::packet::Mode;
 use super::shared::SharedFiles;
 
-/// Bytes a source hands the server.
-pub enum Body {
-    /// A complete file of known size; `keep` lives as long as the transfer (the cache's
-    /// in-use mark, so the file is not evicted under it).
-    File { file: File, keep: Box<dyn Send> },
-    /// Bytes arriving from elsewhere (a miss streaming through); must fail with an error rather
-    /// than end early if its source was truncated.
-    Stream(Pin<Box<dyn AsyncRead + Send>>),
-}
-
 /// What the reader task hands the transfer: chunks, then an explicit end (a closed channel
 /// without `End` means the reader died, which must never look like a complete file).
 pub(crate) enum Chunk {

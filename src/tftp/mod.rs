@@ -1,7 +1,7 @@
 //! The TFTP protocol: wire format, pure transfer state machines, the server (its request port
 //! on tokio, its transfers on the event loops of `engine`) and the tokio client. Nothing in
-//! here knows about caches or upstreams: a server serves whatever a [`Source`] hands it, and a
-//! client yields bytes to whoever asked.
+//! here knows about upstreams or how a cache works: a server serves whatever
+//! [`crate::content::Found`] a [`Source`] hands it, and a client yields bytes to whoever asked.
 
 pub mod client;
 mod engine;
@@ -12,4 +12,4 @@ pub mod server;
 mod shared;
 pub mod transfer;
 
-pub use server::{Body, Content, OpenError, Origin, ReadRequest, Source, Ticket};
+pub use server::{Content, OpenError, ReadRequest, Source, Ticket, TransferError};

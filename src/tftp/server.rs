@@ -22,10 +22,10 @@ use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 
 use super::engine::{Engine, Job};
-pub use super::feed::Body;
 pub use super::packet::Mode;
-use super::packet::{ErrorCode, ErrorPacket, Packet, MAX_REQUEST_LEN, OP_RRQ, OP_WRQ};
+use super::packet::{DecodeError, ErrorCode, ErrorPacket, Packet, MAX_REQUEST_LEN, OP_RRQ, OP_WRQ};
 use super::transfer::{accept, Limits, Sender};
+use crate::content::{Found, Origin};
 use crate::name::{FileName, NameError};
 use crate::net::{bind_udp, bind_udp_std, descriptors_exhausted, out_of_descriptors};
 
@@ -40,13 +40,10 @@ pub struct ReadRequest {
     pub arrived: Instant,
 }
 
-/// Bytes to send. `size` is known for files on disk and for misses whose upstream announced
-/// it (tsize is offered only when it is known).
+/// What a source answers a read request with: the content, and what it holds for the
+/// transfer's life.
 pub struct Content {
-    pub size: Option<u64>,
-    pub body: Body,
-    /// Where the bytes come from, for the transfer's log line and metrics.
-    pub origin: Origin,
+    pub found: Found,
     /// Held for the transfer's life (the admission slot), told how the client behaves.
     pub ticket: Box<dyn Ticket>,
 }
@@ -63,34 +60,6 @@ pub trait Ticket: Send {
 }
 
 impl Ticket for () {}
-
-/// Where a transfer's bytes came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Origin {
-    /// The overrides directory (or `serve --root`).
-    Local,
-    /// The cache; `source` is the upstream it was fetched from.
-    Hit { source: String },
-    /// Streamed through from an upstream on a miss.
-    Miss { source: String },
-}
-
-impl Origin {
-    /// `hit` or `miss`, as in the metrics' `result` label.
-    pub fn result(&self) -> &'static str {
-        match self {
-            Origin::Local | Origin::Hit { .. } => "hit",
-            Origin::Miss { .. } => "miss",
-        }
-    }
-
-    pub fn source(&self) -> &str {
-        match self {
-            Origin::Local => "local",
-            Origin::Hit { source } | Origin::Miss { source } => source,
-        }
-    }
-}
 
 /// Why a file cannot be served; each maps to one fixed TFTP ERROR (RFC 1350 §5). The source
 /// logs the details; none of them reach the client.
@@ -133,7 +102,39 @@ pub struct TransferReport {
     pub first_data: Option<Duration>,
     /// `None` when the request failed before any content was opened.
     pub origin: Option<Origin>,
-    pub outcome: Result<(), String>,
+    pub outcome: Result<(), TransferError>,
+}
+
+/// Why a transfer ended without its client holding the whole file. Logged with the client's
+/// address; the client saw at most the fixed text of an ERROR.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum TransferError {
+    /// Answered with an ERROR before any content was opened.
+    #[error("{0}")]
+    Refused(OpenError),
+    /// Still unproven when admission gave its slot to a new request (issue 11).
+    #[error("displaced by a new request before answering")]
+    Displaced,
+    /// The event loop could not take the transfer's socket.
+    #[error("cannot watch the transfer socket: {0}")]
+    NotStarted(String),
+    #[error("malformed packet from client: {0}")]
+    Malformed(DecodeError),
+    /// The client ended the transfer with an ERROR of this code.
+    #[error("client sent ERROR {0}")]
+    ClientError(u16),
+    /// Timed out before the first acknowledgement: a spoofed or vanished requester.
+    #[error("client never answered")]
+    NeverAnswered,
+    #[error("client stopped answering")]
+    StoppedAnswering,
+    /// The client broke the protocol; it got this ERROR text.
+    #[error("{0}")]
+    Protocol(String),
+    /// The file could not be read or the upstream's stream failed: the client got an ERROR,
+    /// never a short final block.
+    #[error("source failed: {0}")]
+    Source(String),
 }
 
 /// Where the server gets file content: a directory, the cache, the miss path.
@@ -464,13 +465,13 @@ impl<S: Source> Door<S> {
                 debug!(client = %peer, name = %name, "answered {e}");
                 refuse(listener, peer, e.reply()).await;
                 report.duration = started.elapsed();
-                report.outcome = Err(e.to_string());
+                report.outcome = Err(TransferError::Refused(e));
                 self.source.finished(&report);
                 return;
             }
         };
-        report.origin = Some(content.origin.clone());
-        let (params, oack) = match accept(&rrq, &self.limits, content.size) {
+        report.origin = Some(content.found.origin.clone());
+        let (params, oack) = match accept(&rrq, &self.limits, content.found.size) {
             Ok(a) => a,
             Err(e) => return refuse(listener, peer, e).await,
         };
@@ -504,8 +505,8 @@ impl<S: Source> Door<S> {
             sock,
             peer,
             sender,
-            body: content.body,
-            size: content.size,
+            body: content.found.body,
+            size: content.found.size,
             mode,
             ticket: Box::new(Held {
                 ticket: content.ticket,

@@ -23,7 +23,6 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -31,32 +30,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use tokio::io::AsyncRead;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::negative::NegativeCache;
 use super::{ChainAnswer, UpstreamChain};
 use crate::cache::{Cache, CachedFile, Entry, PublishMeta, Publisher};
+use crate::content::{Body, Found, Origin};
 use crate::name::FileName;
-
-/// What a client gets for a name.
-pub enum Served {
-    /// From the cache.
-    Hit(CachedFile),
-    /// Streaming through from an upstream.
-    Miss(MissStream),
-}
-
-/// A miss being streamed through from an upstream.
-pub struct MissStream {
-    /// The size the upstream announced, if it did.
-    pub size: Option<u64>,
-    /// The upstream URL the bytes come from.
-    pub source: String,
-    /// Fails with an error if the upstream transfer fails; ends only when complete.
-    pub reader: Pin<Box<dyn AsyncRead + Send>>,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MissError {
@@ -227,7 +208,7 @@ impl Fetcher {
         self: &Arc<Self>,
         name: &FileName,
         asked: Instant,
-    ) -> Result<Served, MissError> {
+    ) -> Result<Found, MissError> {
         // Flights and "not found" go by the exact name asked upstream (a case-sensitive
         // upstream may have one spelling and not another); the cache by the folded key.
         let budget = self.chain().miss_budget();
@@ -235,14 +216,14 @@ impl Fetcher {
         // was evicted meanwhile, the second round fetches it.
         for _ in 0..2 {
             if let Some(hit) = self.open_cached(name) {
-                return Ok(Served::Hit(hit));
+                return Ok(Found::cached(hit));
             }
             let ttl = *self.negative_ttl.read().unwrap();
             if self.not_found_within(name.as_str(), ttl) {
                 return Err(MissError::NotFound);
             }
             let flight = match self.board(name, Ask::default(), true) {
-                Boarded::Cached(hit) => return Ok(Served::Hit(*hit)),
+                Boarded::Cached(hit) => return Ok(Found::cached(*hit)),
                 Boarded::Flight(f) => f,
             };
             let answer = match budget {
@@ -260,11 +241,13 @@ impl Fetcher {
                 }
             };
             return match answer {
-                Answer::Streaming { size, file, source } => Ok(Served::Miss(MissStream {
+                Answer::Streaming { size, file, source } => Ok(Found {
                     size,
-                    source,
-                    reader: Box::pin(tokio_util::io::StreamReader::new(read_flight(rx, file))),
-                })),
+                    origin: Origin::Miss { source },
+                    body: Body::Stream(Box::pin(tokio_util::io::StreamReader::new(read_flight(
+                        rx, file,
+                    )))),
+                }),
                 Answer::NotModified => continue,
                 Answer::NotFound => Err(MissError::NotFound),
                 Answer::Unreachable(why) => Err(self.unreachable(name, why)),
