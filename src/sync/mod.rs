@@ -32,7 +32,7 @@ use rand::Rng;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-pub use known::{KnownName, Reason};
+pub use known::Reason;
 pub use loads::LoadReadiness;
 pub use pass::{
     class_index, interval_of, LogProgress, Outcome, PassReport, PassResult, Progress, Scope, Tally,
@@ -114,15 +114,6 @@ impl Syncer {
     /// Number of names kept fresh.
     pub fn known_count(&self) -> usize {
         self.known.lock().unwrap().names.len()
-    }
-
-    /// The known names (key, entry), sorted by key.
-    pub fn known_names(&self) -> Vec<(String, KnownName)> {
-        let k = self.known.lock().unwrap();
-        k.names
-            .iter()
-            .map(|(a, b)| (a.clone(), b.clone()))
-            .collect()
     }
 
     /// Writes the known names to the cache directory if they changed.
