@@ -78,6 +78,8 @@ pub struct Appliance {
     tftp: JoinHandle<std::io::Result<()>>,
     http: JoinSet<()>,
     sync: Option<JoinHandle<()>>,
+    /// Writes the cache's hit counts back every few seconds.
+    usage: Option<JoinHandle<()>>,
     phones: Option<PhonesService>,
     fetcher: Option<Arc<Fetcher>>,
     reloader: Reloader,
@@ -115,6 +117,9 @@ impl Appliance {
             }
             None => (None, None),
         };
+        let usage = fetcher
+            .as_ref()
+            .map(|f| tokio::spawn(f.cache().clone().write_usage_back(stopped(stop_rx.clone()))));
         let targets = crate::reload::Targets {
             gate: gate.clone(),
             fetcher: fetcher.clone(),
@@ -167,6 +172,7 @@ impl Appliance {
             tftp,
             http,
             sync: sync_task,
+            usage,
             phones,
             fetcher,
             reloader,
@@ -198,8 +204,8 @@ impl Appliance {
             }
         };
         let (tftp, ()) = tokio::join!(self.tftp, http);
-        if let Some(sync) = self.sync {
-            let _ = sync.await;
+        for task in [self.sync, self.usage].into_iter().flatten() {
+            let _ = task.await;
         }
         if let Some(f) = &self.fetcher {
             let _ = tokio::time::timeout(DRAIN, f.flights_landed()).await;

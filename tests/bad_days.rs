@@ -539,3 +539,25 @@ async fn a_dns_change_of_the_tftp_upstream_is_used_within_the_ttl() {
         answer = fetch_text(&chain, "dialplan.xml").await;
     }
 }
+
+/// A power cut (here `kill -9`) loses at most the last seconds of the cache's hit counts and
+/// last-use times, which decide what quota eviction keeps: the running appliance writes them
+/// back every few seconds, not only when it stops cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_appliance_keeps_the_hit_counts_written_before_its_last_seconds() {
+    let cached = TestFiles::with_sizes(&[("g3-tones.xml", 1_500)]);
+    let b = Branch::start("", &cached);
+    for _ in 0..3 {
+        assert_eq!(
+            phone_get(b.addr(), "g3-tones.xml").await.result.unwrap(),
+            cached.content("g3-tones.xml")
+        );
+    }
+    // One write-back period, and sled's own half-second log flush.
+    tokio::time::sleep(branchtftp::cache::USAGE_WRITE_BACK + Duration::from_millis(1500)).await;
+    drop(b.bt); // SIGKILL: no clean close
+    let dir = b.config.parent().unwrap().join("cache");
+    let (cache, _) = branchtftp::cache::Cache::open(&dir, u64::MAX, Default::default()).unwrap();
+    let entry = cache.get("g3-tones.xml").unwrap();
+    assert_eq!(entry.hits, 3, "hits written back before the kill");
+}

@@ -356,51 +356,12 @@ fn fsync_dir(dir: &Path) -> Result<(), CacheError> {
 /// The cache. Cheap to clone; all clones share one index and one directory.
 #[derive(Clone)]
 pub struct Cache {
-    // Dropped first: stops the usage flusher before the last reference to `inner` goes, so
-    // dropping the last clone releases the directory lock at once (a reopen never races it).
-    _flusher: Arc<UsageFlusher>,
     inner: Arc<Inner>,
 }
 
-/// The thread that writes hit counts and last-use times back every few seconds.
-struct UsageFlusher {
-    stop: Option<std::sync::mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl UsageFlusher {
-    fn spawn(inner: &Arc<Inner>) -> UsageFlusher {
-        let weak = Arc::downgrade(inner);
-        let (stop, stopped) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("cache-usage".into())
-            .spawn(move || {
-                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(std::time::Duration::from_secs(2))
-                {
-                    let Some(inner) = weak.upgrade() else { break };
-                    if let Err(e) = inner.flush_usage() {
-                        warn!("cache: could not write usage counters back: {e}");
-                    }
-                }
-            })
-            .map_err(|e| warn!("cache: no usage flusher thread ({e}); counters written at close"))
-            .ok();
-        UsageFlusher {
-            stop: Some(stop),
-            thread,
-        }
-    }
-}
-
-impl Drop for UsageFlusher {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
+/// How often a running appliance writes hit counts and last-use times back to the index
+/// ([`Cache::write_usage_back`]).
+pub const USAGE_WRITE_BACK: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -640,9 +601,29 @@ impl Cache {
     }
 
     /// Writes usage counters back to the index and flushes it (also done every few seconds
-    /// and when the last clone is dropped).
+    /// while the appliance runs, and when the last clone is dropped).
     pub fn flush(&self) -> Result<(), CacheError> {
         self.inner.flush_usage()?;
         self.inner.flush_index()
+    }
+
+    /// Writes hit counts and last-use times back every [`USAGE_WRITE_BACK`] until `stop`, so a
+    /// `kill -9` or power cut loses a few seconds of them, not all since the start. A task of
+    /// the running appliance, on the blocking pool, rather than a thread per open cache (a
+    /// command that opens the cache briefly writes them when it closes it).
+    pub async fn write_usage_back(self, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        let mut tick = tokio::time::interval(USAGE_WRITE_BACK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tick.tick() => {}
+            }
+            let inner = self.inner.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || inner.flush_usage()).await {
+                warn!("cache: could not write usage counters back: {e}");
+            }
+        }
     }
 }

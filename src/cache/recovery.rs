@@ -441,7 +441,6 @@ pub(super) fn open(
         report.files = st.entries.len() as u64;
         report.bytes = st.bytes;
     }
-    let flusher = Arc::new(super::UsageFlusher::spawn(&inner));
     report.elapsed = started.elapsed();
     if report.repairs() > 0 {
         warn!(?report, "cache: recovered");
@@ -452,13 +451,7 @@ pub(super) fn open(
             "cache: opened clean"
         );
     }
-    Ok((
-        Cache {
-            _flusher: flusher,
-            inner,
-        },
-        report,
-    ))
+    Ok((Cache { inner }, report))
 }
 
 #[cfg(test)]
