@@ -26,6 +26,7 @@
 //! | [`metrics`] | the Prometheus registry every part counts into |
 //! | [`config`] | the YAML configuration: schema, defaults, validation with positions, `check-config`, `serve`'s flags laid over the file |
 //! | [`sync`] | the sync worker's policy: known names, what to revalidate when, discovery (`.cnf.xml` → `.loads` → images), pace and windows, `sync --once`; it fetches through [`upstream::flight`] |
+//! | [`watch`] | the process's one notify watcher, shared by the overrides index and the config reloader |
 //! | [`reload`] | live reload of the config file (notify + SIGHUP) into the running appliance |
 //! | [`app`] | [`app::Appliance`]: wiring and lifecycle (start, reload, shutdown joining every task under one stop signal); `serve` runs it in the foreground |
 //! | [`demo`] | `branchtftp demo`: two appliances (a sample central server, the branch) across a small simulated TCP link, phones booting direct/cold/warm |
@@ -52,3 +53,4 @@ pub mod reload;
 pub mod sync;
 pub mod tftp;
 pub mod upstream;
+pub mod watch;

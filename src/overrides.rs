@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use notify::{RecursiveMode, Watcher};
+use notify::RecursiveMode;
 use tracing::warn;
 
 use crate::name::FileName;
@@ -49,7 +49,7 @@ struct Index {
     stale: Arc<AtomicBool>,
     /// When the index was built, for the unwatched refresh.
     built: Mutex<Instant>,
-    watcher: Option<notify::RecommendedWatcher>,
+    watcher: Option<crate::watch::Watch>,
 }
 
 impl Overrides {
@@ -118,20 +118,16 @@ impl Overrides {
     }
 }
 
-fn watch(root: &Path, stale: Arc<AtomicBool>) -> Option<notify::RecommendedWatcher> {
-    let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| match ev {
+fn watch(root: &Path, stale: Arc<AtomicBool>) -> Option<crate::watch::Watch> {
+    let marked = move |ev: &notify::Result<notify::Event>| match ev {
         Ok(ev) if ev.kind.is_access() => {}
         _ => stale.store(true, Ordering::Release),
-    })
-    .map_err(|e| warn!("cannot watch the overrides (re-read every second): {e}"))
-    .ok()?;
-    match w.watch(root, RecursiveMode::Recursive) {
-        Ok(()) => Some(w),
-        Err(e) => {
-            warn!(dir = %root.display(), "cannot watch the overrides (re-read every second): {e}");
-            None
-        }
-    }
+    };
+    crate::watch::watch(root, RecursiveMode::Recursive, marked)
+        .map_err(|e| {
+            warn!(dir = %root.display(), "cannot watch the overrides (re-read every second): {e}")
+        })
+        .ok()
 }
 
 /// Adds every file under `dir` (relative prefix `rel`) to `files`; the first spelling of a key

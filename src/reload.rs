@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
+use notify::RecursiveMode;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
@@ -33,7 +33,7 @@ pub struct Targets {
 
 /// The reloader; the watch stops when it is dropped.
 pub struct Reloader {
-    _watcher: Option<notify::RecommendedWatcher>,
+    _watcher: Option<crate::watch::Watch>,
     task: tokio::task::JoinHandle<()>,
     /// The file and the running configuration, for a reload asked for directly.
     now: Option<(ConfigSource, Arc<Mutex<Config>>, Targets)>,
@@ -117,37 +117,30 @@ fn watch_file(source: ConfigSource, running: Config, targets: Targets) -> Reload
     }
 }
 
-fn start_watcher(path: &Path, tx: mpsc::UnboundedSender<()>) -> Option<notify::RecommendedWatcher> {
+fn start_watcher(path: &Path, tx: mpsc::UnboundedSender<()>) -> Option<crate::watch::Watch> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    // The directory, not the file: editors replace the file by a rename.
     let name = path.file_name()?.to_os_string();
-    let mut watcher = match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+    let changed = move |ev: &notify::Result<notify::Event>| {
         if let Ok(ev) = ev {
-            if ev.kind.is_access() {
-                return;
-            }
-            if ev
-                .paths
-                .iter()
-                .any(|p| p.file_name() == Some(name.as_os_str()))
+            if !ev.kind.is_access()
+                && ev
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name() == Some(name.as_os_str()))
             {
                 let _ = tx.send(());
             }
         }
-    }) {
-        Ok(w) => w,
-        Err(e) => {
-            warn!("cannot watch the config file (SIGHUP still reloads): {e}");
-            return None;
-        }
     };
-    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
-        warn!(dir = %dir.display(), "cannot watch the config directory (SIGHUP still reloads): {e}");
-        return None;
-    }
-    Some(watcher)
+    crate::watch::watch(&dir, RecursiveMode::NonRecursive, changed)
+        .map_err(|e| {
+            warn!(dir = %dir.display(), "cannot watch the config directory (SIGHUP still reloads): {e}")
+        })
+        .ok()
 }
 
 /// Reads the file and applies it, or logs why not. Returns whether it was applied.
