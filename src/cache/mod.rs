@@ -213,13 +213,14 @@ impl Inner {
         Ok(())
     }
 
-    /// Writes usage counters (and entries dropped on the hot path) back to sled.
-    fn flush_usage(&self) -> Result<(), CacheError> {
+    /// Writes usage counters (and entries dropped on the hot path) back to sled; `false` if
+    /// there was nothing to write.
+    fn flush_usage(&self) -> Result<bool, CacheError> {
         let _w = lock(&self.index_write);
         let batch: Vec<(String, Option<Entry>)> = {
             let mut st = self.state();
             if st.dirty.is_empty() {
-                return Ok(());
+                return Ok(false);
             }
             let dirty = std::mem::take(&mut st.dirty);
             dirty
@@ -238,7 +239,7 @@ impl Inner {
             }
         }
         self.db.apply_batch(b).map_err(self.index_err())?;
-        Ok(())
+        Ok(true)
     }
 
     /// Evicts least recently used files until the cache fits `max_bytes`, skipping pinned
@@ -621,7 +622,11 @@ impl Cache {
                 _ = tick.tick() => {}
             }
             let inner = self.inner.clone();
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || inner.flush_usage()).await {
+            let written = move || match inner.flush_usage()? {
+                true => inner.flush_index(),
+                false => Ok(()),
+            };
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(written).await {
                 warn!("cache: could not write usage counters back: {e}");
             }
         }

@@ -87,7 +87,10 @@ fn decode(kv: sled::Result<(sled::IVec, sled::IVec)>) -> sled::Result<(String, O
 
 fn try_load(path: &Path) -> Result<Loaded, IndexFailure> {
     let attempt = catch_unwind(AssertUnwindSafe(|| -> sled::Result<Loaded> {
-        let db = sled::Config::new().path(path).open()?;
+        // No periodic flusher thread of sled's own: every change that must survive a power
+        // cut is flushed where it is made (publish, remove, eviction), and the running
+        // appliance flushes hit counts with its write-back (`Cache::write_usage_back`).
+        let db = sled::Config::new().path(path).flush_every_ms(None).open()?;
         let pending = db.open_tree("pending")?;
         let entries = db.iter().map(decode).collect::<sled::Result<Vec<_>>>()?;
         let intents = pending
