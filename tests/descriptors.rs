@@ -216,3 +216,92 @@ fn the_units_limits_cover_the_default_configuration() {
     // pool fit many times over.
     assert!(unit_value("TasksMax") >= 256);
 }
+
+/// Sets `pid`'s soft RLIMIT_NOFILE only, so it can be raised again up to the hard limit.
+fn set_soft_descriptor_limit(pid: u32, n: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit on our own child: read the limits into `lim`, then set them from it.
+    let r = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut lim,
+        )
+    };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    lim.rlim_cur = n.min(lim.rlim_max);
+    let r = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &lim,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// The lowest descriptor number `pid` has free: with RLIMIT_NOFILE there, it can open nothing.
+fn lowest_free_descriptor(pid: u32) -> u64 {
+    let fds: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !fds.contains(n)).unwrap()
+}
+
+/// A cached file the server cannot open for want of a descriptor is "temporarily unavailable"
+/// and counted, never a miss: the WAN must not carry a file the branch has (here over the
+/// upstream connection reqwest keeps open, which needs no new descriptor) into a cache that
+/// could not store it either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_file_unopenable_for_descriptors_is_unavailable_not_fetched_again() {
+    let name = "SEP001122334455.cnf.xml";
+    let origin = HttpOrigin::with_files([(name, vec![5u8; 4_000])]);
+    let root = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let admin = localhost(free_tcp_port());
+    let yaml = format!(
+        "log: info\ncache:\n  dir: {}\nhttp:\n  listen: []\nadmin:\n  listen: \"{admin}\"\n\
+         upstreams:\n  - url: {}\nsync:\n  prefetch: []\n  discover: false\n  config_list: false\n",
+        cache.path().display(),
+        origin.url()
+    );
+    let bt = Branchtftp::serve_config(root.path(), &yaml);
+    let outs = scratch_dir();
+    let out = outs.path().join("cnf");
+    // A miss: fetched once, cached, and the upstream connection kept alive.
+    curl_tftp_get(bt.addr, name, &out, None)
+        .await
+        .assert_intact(&sha256_bytes(&[5u8; 4_000]));
+    assert_eq!(origin.gets(name), 1);
+
+    set_soft_descriptor_limit(bt.pid(), lowest_free_descriptor(bt.pid()));
+    for i in 0..3 {
+        let (_, reply, _) = ask(bt.addr, Ipv4Addr::new(127, 0, 0, 30 + i), name).await;
+        assert_eq!(
+            tftp_error_of(&reply),
+            Some((0, UNAVAILABLE.into())),
+            "{}",
+            bt.log()
+        );
+    }
+    assert_eq!(origin.gets(name), 1, "not fetched again\n{}", bt.log());
+
+    set_soft_descriptor_limit(bt.pid(), u64::MAX);
+    curl_tftp_get(bt.addr, name, &out, None)
+        .await
+        .assert_intact(&sha256_bytes(&[5u8; 4_000]));
+    let metrics = admin_get(admin, "/metrics").await;
+    let refused = metric_value(
+        &metrics,
+        "branchtftp_refused_total",
+        &[("reason", "descriptors")],
+    );
+    assert!(refused >= 3, "refused {refused}\n{metrics}");
+    assert_eq!(origin.gets(name), 1);
+}

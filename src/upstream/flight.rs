@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 
 use super::negative::NegativeCache;
 use super::{ChainAnswer, UpstreamChain};
-use crate::cache::{Cache, CachedFile, Entry, PublishMeta, Publisher};
+use crate::cache::{Cache, CacheError, CachedFile, Entry, PublishMeta, Publisher};
 use crate::content::{Body, Found, Origin};
 use crate::name::FileName;
 
@@ -215,14 +215,14 @@ impl Fetcher {
         // A phone that joined a revalidation finding the copy current reads that copy; if it
         // was evicted meanwhile, the second round fetches it.
         for _ in 0..2 {
-            if let Some(hit) = self.open_cached(name) {
+            if let Some(hit) = self.open_cached(name)? {
                 return Ok(Found::cached(hit));
             }
             let ttl = *self.negative_ttl.read().unwrap();
             if self.not_found_within(name.as_str(), ttl) {
                 return Err(MissError::NotFound);
             }
-            let flight = match self.board(name, Ask::default(), true) {
+            let flight = match self.board(name, Ask::default(), true)? {
                 Boarded::Cached(hit) => return Ok(Found::cached(*hit)),
                 Boarded::Flight(f) => f,
             };
@@ -279,7 +279,7 @@ impl Fetcher {
     /// The sync worker's request: the whole file into the cache, through the flight of this
     /// name if one is under way (whoever started it), else a new one that applies `ask`.
     pub async fn fetch(self: &Arc<Self>, name: &FileName, ask: Ask) -> Result<Fetched, MissError> {
-        let Boarded::Flight(flight) = self.board(name, ask, false) else {
+        let Ok(Boarded::Flight(flight)) = self.board(name, ask, false) else {
             unreachable!("only a phone's boarding looks at the cache");
         };
         let (answer, mut rx) = answer_of(&flight).await?;
@@ -303,18 +303,23 @@ impl Fetcher {
     /// Joins the flight of `name`, or starts one with `ask`. A phone's boarding looks at the
     /// cache again under the lock: a flight publishes before it leaves the map, so a file that
     /// just landed is not fetched twice.
-    fn board(self: &Arc<Self>, name: &FileName, ask: Ask, phone: bool) -> Boarded {
+    fn board(
+        self: &Arc<Self>,
+        name: &FileName,
+        ask: Ask,
+        phone: bool,
+    ) -> Result<Boarded, MissError> {
         let asked = name.as_str().to_string();
         let mut flights = self.flights.lock().unwrap();
         if let Some(f) = flights.get(&asked) {
             if phone {
                 f.phone.store(true, Ordering::Relaxed);
             }
-            return Boarded::Flight(f.clone());
+            return Ok(Boarded::Flight(f.clone()));
         }
         if phone {
-            if let Some(hit) = self.open_cached(name) {
-                return Boarded::Cached(Box::new(hit));
+            if let Some(hit) = self.open_cached(name)? {
+                return Ok(Boarded::Cached(Box::new(hit)));
             }
         }
         let (tx, _) = watch::channel(FlightState::default());
@@ -325,15 +330,27 @@ impl Fetcher {
         flights.insert(asked, f.clone());
         crate::metrics::global().upstream_fetches.inc();
         tokio::spawn(self.clone().fly(name.clone(), f.clone(), ask));
-        Boarded::Flight(f)
+        Ok(Boarded::Flight(f))
     }
 
-    fn open_cached(&self, name: &FileName) -> Option<CachedFile> {
-        self.cache.open_file(name.key()).unwrap_or_else(|e| {
-            // A cache that cannot open a file it lists should not stop the phone: refetch.
-            warn!(name = %name, "cache read failed, fetching upstream: {e}");
-            None
-        })
+    /// The cached copy of `name`, if there is one. A copy that cannot be read is refetched (a
+    /// cache that lost a file it lists should not stop the phone), except when the process is
+    /// out of descriptors: then the phone hears "temporarily unavailable" and asks again, rather
+    /// than the WAN carrying a file the branch has, into a cache that could not store it either.
+    fn open_cached(&self, name: &FileName) -> Result<Option<CachedFile>, MissError> {
+        match self.cache.open_file(name.key()) {
+            Ok(hit) => Ok(hit),
+            Err(CacheError::Io { source, .. }) if crate::net::out_of_descriptors(&source) => {
+                crate::net::descriptors_exhausted("cached file", &source);
+                Err(MissError::Failed(format!(
+                    "cannot open the cached {name}: {source}"
+                )))
+            }
+            Err(e) => {
+                warn!(name = %name, "cache read failed, fetching upstream: {e}");
+                Ok(None)
+            }
+        }
     }
 
     /// One upstream fetch, written into the cache and shared with every reader.
