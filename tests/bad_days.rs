@@ -94,6 +94,43 @@ const CLIENT_SLACK: Duration = NOISE;
 /// The storms run one at a time: two at once would measure each other.
 static STORMS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Samples a process's thread count until stopped: the most seen, and the threads' names then.
+struct ThreadWatch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    sampler: std::thread::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl ThreadWatch {
+    fn start(pid: u32) -> ThreadWatch {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let sampler = std::thread::spawn(move || {
+            let mut most = (0, Vec::new());
+            while !stopped.load(Ordering::Acquire) {
+                let names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+                    .map(|d| {
+                        d.flatten()
+                            .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                            .map(|c| c.trim().to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if names.len() > most.0 {
+                    most = (names.len(), names);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            most
+        });
+        ThreadWatch { stop, sampler }
+    }
+
+    fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Release);
+        self.sampler.join().unwrap()
+    }
+}
+
 /// The same storm with a healthy WAN, then with the WAN hung (`hang`), each phone's CTL miss a
 /// name never asked before. The hung storm may cost at most one upstream timeout more.
 async fn storm_through_a_hung_wan(upstream_url: String, hang: impl FnOnce()) {
@@ -103,6 +140,7 @@ async fn storm_through_a_hung_wan(upstream_url: String, hang: impl FnOnce()) {
         &format!("upstreams:\n  - url: {upstream_url}\n    timeout: 2s\n    probe_interval: 2s\n"),
         &files,
     );
+    let threads = ThreadWatch::start(branch.bt.pid());
     let (healthy, codes) = storm(branch.addr(), &files, PHONES, 0xA0).await;
     assert!(
         codes.iter().all(|&(c, _)| c == 1),
@@ -133,6 +171,11 @@ async fn storm_through_a_hung_wan(upstream_url: String, hang: impl FnOnce()) {
          ({UPSTREAM_TIMEOUT:?}) longer\n{}",
         branch.bt.log()
     );
+    // Misses, timeouts, fail-over and a probe, all on the same few threads (issue 12: at most
+    // 16 at 5,000 phones; a thread per transfer or per miss would show here already).
+    let (most, names) = threads.stop();
+    eprintln!("peak threads {most}: {names:?}");
+    assert!(most <= 16, "{most} threads: {names:?}");
     let m = branch.metrics().await;
     assert_eq!(
         metric_value(
