@@ -36,7 +36,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -95,11 +95,16 @@ enum Cmd {
 struct Mailbox {
     tx: mpsc::Sender<Cmd>,
     waker: Arc<Waker>,
+    /// Set by the loop just before it sleeps in `poll`: only then does a command need the
+    /// waker (a system call and a turn of its own); a busy loop reads its mail before sleeping.
+    asleep: Arc<AtomicBool>,
 }
 
 impl Mailbox {
     fn send(&self, cmd: Cmd) {
-        if self.tx.send(cmd).is_ok() {
+        // SeqCst pairs with the loop's store-then-read in `Loop::run`: either this sees the
+        // loop asleep and wakes it, or the loop's read after its store sees the command.
+        if self.tx.send(cmd).is_ok() && self.asleep.swap(false, Ordering::SeqCst) {
             let _ = self.waker.wake();
         }
     }
@@ -133,11 +138,16 @@ impl Engine {
                 .map(|(k, ip)| SharedPort::open(*ip, &poll, Token(SHARED - k)))
                 .collect::<io::Result<Vec<_>>>()?;
             let (tx, rx) = mpsc::channel();
-            let mailbox = Mailbox { tx, waker };
+            let mailbox = Mailbox {
+                tx,
+                waker,
+                asleep: Arc::new(AtomicBool::new(false)),
+            };
             let mut l = Loop {
                 shared: shared.clone(),
                 poll,
                 rx,
+                held: None,
                 mailbox: mailbox.clone(),
                 runtime: runtime.clone(),
                 active: active.clone(),
@@ -254,6 +264,8 @@ struct Loop {
     shared: Arc<SharedFiles>,
     poll: Poll,
     rx: mpsc::Receiver<Cmd>,
+    /// A command read by [`Loop::has_mail`] and not yet handled.
+    held: Option<Cmd>,
     mailbox: Mailbox,
     runtime: tokio::runtime::Handle,
     active: Arc<AtomicUsize>,
@@ -271,11 +283,24 @@ impl Loop {
         let mut buf = vec![0u8; 2048];
         let mut inbox = Inbox::default();
         loop {
-            let timeout = self
+            let mut timeout = self
                 .timers
                 .peek()
                 .map(|Reverse((t, ..))| t.saturating_duration_since(Instant::now()));
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            self.mailbox.asleep.store(true, Ordering::SeqCst);
+            // Mail sent before the store above did not wake us: read it now, and do not sleep
+            // before what it started is sent.
+            if self.has_mail() {
+                self.mailbox.asleep.store(false, Ordering::SeqCst);
+                if !self.take_mail() {
+                    return;
+                }
+                self.flush();
+                timeout = Some(Duration::ZERO);
+            }
+            let polled = self.poll.poll(&mut events, timeout);
+            self.mailbox.asleep.store(false, Ordering::SeqCst);
+            if let Err(e) = polled {
                 if e.kind() != io::ErrorKind::Interrupted {
                     tracing::error!("TFTP event loop: poll failed: {e}");
                     return;
@@ -300,9 +325,17 @@ impl Loop {
         }
     }
 
+    /// Whether a command is waiting (it is kept for [`take_mail`](Self::take_mail)).
+    fn has_mail(&mut self) -> bool {
+        if self.held.is_none() {
+            self.held = self.rx.try_recv().ok();
+        }
+        self.held.is_some()
+    }
+
     /// Handles every queued command; `false` on `Stop`.
     fn take_mail(&mut self) -> bool {
-        while let Ok(cmd) = self.rx.try_recv() {
+        while let Some(cmd) = self.held.take().or_else(|| self.rx.try_recv().ok()) {
             match cmd {
                 Cmd::Start(job) => self.insert(*job),
                 Cmd::Data(i, g) if self.is_live(i, g) => self.drive(i),
