@@ -7,7 +7,7 @@
 //! kernel's address structures; nothing else in the crate builds a `msghdr`.
 
 use std::io;
-use std::mem::{size_of, zeroed};
+use std::mem::{size_of, zeroed, MaybeUninit};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::RawFd;
 
@@ -21,23 +21,39 @@ pub const BATCH: usize = 64;
 /// longer datagram is cut here and then refused as malformed, as the per-transfer read was.
 const SLOT: usize = 2048;
 
-/// Where a batch of received datagrams lands: allocated once per loop, reused every read.
+/// Where a batch of received datagrams lands: allocated once per loop (on the loop's thread;
+/// the headers point into it), reused every read.
 pub struct Inbox {
     bufs: Box<[[u8; SLOT]]>,
     addrs: Box<[libc::sockaddr_storage]>,
+    /// Point into `bufs` and `addrs` (boxed, so they never move).
+    iovs: Box<[libc::iovec]>,
+    hdrs: Box<[libc::mmsghdr]>,
     /// Length and sender of each datagram of the last read.
     got: Vec<(usize, Option<SocketAddr>)>,
 }
 
 impl Default for Inbox {
     fn default() -> Self {
-        Inbox {
+        // SAFETY: sockaddr_storage, iovec and mmsghdr are plain old data; all zeroes is a
+        // valid empty value of each.
+        let (addr, iov, hdr) = unsafe { (zeroed(), zeroed(), zeroed()) };
+        let mut inbox = Inbox {
             bufs: vec![[0u8; SLOT]; BATCH].into_boxed_slice(),
-            // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid (unspecified)
-            // address.
-            addrs: vec![unsafe { zeroed::<libc::sockaddr_storage>() }; BATCH].into_boxed_slice(),
+            addrs: vec![addr; BATCH].into_boxed_slice(),
+            iovs: vec![iov; BATCH].into_boxed_slice(),
+            hdrs: vec![hdr; BATCH].into_boxed_slice(),
             got: Vec::with_capacity(BATCH),
+        };
+        for j in 0..BATCH {
+            inbox.iovs[j].iov_base = inbox.bufs[j].as_mut_ptr().cast();
+            inbox.iovs[j].iov_len = SLOT;
+            let h = &mut inbox.hdrs[j].msg_hdr;
+            h.msg_name = (&mut inbox.addrs[j] as *mut libc::sockaddr_storage).cast();
+            h.msg_iov = &mut inbox.iovs[j];
+            h.msg_iovlen = 1;
         }
+        inbox
     }
 }
 
@@ -46,24 +62,17 @@ impl Inbox {
     /// fewer than [`BATCH`] means the socket was empty when the call returned. An error (e.g.
     /// `WouldBlock`) when nothing was read.
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
-        // SAFETY: iovec and mmsghdr are plain old data; zeroed is a valid empty value.
-        let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
-        let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
-        for (j, (iov, hdr)) in iovs.iter_mut().zip(hdrs.iter_mut()).enumerate() {
-            iov.iov_base = self.bufs[j].as_mut_ptr().cast();
-            iov.iov_len = SLOT;
-            hdr.msg_hdr.msg_name = (&mut self.addrs[j] as *mut libc::sockaddr_storage).cast();
-            hdr.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            hdr.msg_hdr.msg_iov = iov;
-            hdr.msg_hdr.msg_iovlen = 1;
+        for h in self.hdrs.iter_mut() {
+            // The kernel wrote the last sender's length here.
+            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         }
-        // SAFETY: every header points at a buffer and an address owned by `self` (or `iovs`),
+        // SAFETY: every header points at a buffer, an address and an iovec owned by `self`,
         // alive and not otherwise borrowed for the duration of the call; the kernel writes at
         // most `iov_len` and `msg_namelen` bytes into them.
         let n = unsafe {
             libc::recvmmsg(
                 fd,
-                hdrs.as_mut_ptr(),
+                self.hdrs.as_mut_ptr(),
                 BATCH as libc::c_uint,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
@@ -73,7 +82,7 @@ impl Inbox {
             return Err(io::Error::last_os_error());
         }
         self.got.clear();
-        for (hdr, addr) in hdrs.iter().zip(self.addrs.iter()).take(n as usize) {
+        for (hdr, addr) in self.hdrs.iter().zip(self.addrs.iter()).take(n as usize) {
             let len = (hdr.msg_len as usize).min(SLOT);
             self.got
                 .push((len, socket_addr(addr, hdr.msg_hdr.msg_namelen)));
@@ -156,21 +165,26 @@ impl Outbox {
 /// One `sendmmsg` of the first [`BATCH`] datagrams of `queue`: how many the kernel took.
 fn send_batch(fd: RawFd, queue: &[(Bytes, SockAddr)]) -> io::Result<usize> {
     let n = queue.len().min(BATCH);
-    // SAFETY: iovec and mmsghdr are plain old data; zeroed is a valid empty value.
-    let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
-    let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
-    for ((iov, hdr), (datagram, to)) in iovs.iter_mut().zip(hdrs.iter_mut()).zip(queue) {
-        // The kernel only reads through these pointers (sendmmsg never writes the payload).
-        iov.iov_base = datagram.as_ptr() as *mut libc::c_void;
-        iov.iov_len = datagram.len();
+    // Only the first `n` entries are filled and passed (a lone lock-step block fills one).
+    let mut iovs = [const { MaybeUninit::<libc::iovec>::uninit() }; BATCH];
+    let mut hdrs = [const { MaybeUninit::<libc::mmsghdr>::uninit() }; BATCH];
+    for (j, (datagram, to)) in queue[..n].iter().enumerate() {
+        let iov = iovs[j].write(libc::iovec {
+            // The kernel only reads through this pointer (sendmmsg never writes the payload).
+            iov_base: datagram.as_ptr() as *mut libc::c_void,
+            iov_len: datagram.len(),
+        });
+        // SAFETY: mmsghdr is plain old data; all zeroes is a valid empty value.
+        let mut hdr: libc::mmsghdr = unsafe { zeroed() };
         hdr.msg_hdr.msg_name = to.as_ptr() as *mut libc::c_void;
         hdr.msg_hdr.msg_namelen = to.len();
         hdr.msg_hdr.msg_iov = iov;
         hdr.msg_hdr.msg_iovlen = 1;
+        hdrs[j].write(hdr);
     }
-    // SAFETY: the first `n` headers point at payloads and addresses borrowed from `queue` and
-    // at `iovs`, all alive for the call.
-    let r = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), n as libc::c_uint, 0) };
+    // SAFETY: the first `n` headers are initialised and point at payloads and addresses
+    // borrowed from `queue` and at `iovs`, all alive for the call; the kernel reads only those.
+    let r = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr().cast(), n as libc::c_uint, 0) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
