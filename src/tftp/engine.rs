@@ -155,6 +155,7 @@ impl Engine {
                 table: Vec::new(),
                 free: Vec::new(),
                 timers: BinaryHeap::new(),
+                read_ahead_due: Vec::new(),
                 generation: 0,
             };
             std::thread::Builder::new()
@@ -273,6 +274,8 @@ struct Loop {
     table: Vec<Option<Transfer>>,
     free: Vec<usize>,
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Transfers (index, generation) whose next block is read once the turn's datagrams left.
+    read_ahead_due: Vec<(usize, u64)>,
     generation: u64,
 }
 
@@ -295,7 +298,7 @@ impl Loop {
                 if !self.take_mail() {
                     return;
                 }
-                self.flush();
+                self.end_turn();
                 timeout = Some(Duration::ZERO);
             }
             let polled = self.poll.poll(&mut events, timeout);
@@ -320,8 +323,30 @@ impl Loop {
                 }
             }
             self.fire_timers();
-            // Everything this turn produced leaves now, before the loop sleeps again.
-            self.flush();
+            self.end_turn();
+        }
+    }
+
+    /// Everything this turn produced leaves now, before the loop sleeps again; then the next
+    /// blocks are read ahead (a failed read queues an ERROR, sent at once too).
+    fn end_turn(&mut self) {
+        self.flush();
+        self.read_ahead();
+        self.flush();
+    }
+
+    /// Reads ahead the next block of every transfer that sent one this turn.
+    fn read_ahead(&mut self) {
+        while let Some((i, generation)) = self.read_ahead_due.pop() {
+            let Some(Some(t)) = self.table.get_mut(i) else {
+                continue;
+            };
+            if t.generation != generation {
+                continue;
+            }
+            if let Err(e) = t.feed.prefetch() {
+                self.source_failed(i, e);
+            }
         }
     }
 
@@ -510,6 +535,7 @@ impl Loop {
             // The batch's answers leave together, at once: a lone lock-step transfer's next
             // block goes out now, not after the rest of the turn.
             self.flush_port(k);
+            self.read_ahead();
             // A short batch: the socket was empty when the call returned (a datagram arriving
             // since raises readiness again).
             if n < BATCH {
@@ -606,11 +632,10 @@ impl Loop {
             self.finish(i, outcome);
             return;
         }
-        // The next block is read now, while the client is busy acknowledging this one, so the
-        // ACK finds it ready and is answered without a read (tftpd-hpa reads ahead the same way).
-        if let Err(e) = t.feed.prefetch() {
-            return self.source_failed(i, e);
-        }
+        // The next block is read once this turn's datagrams have left, while the client is busy
+        // acknowledging this one, so the ACK finds it ready and is answered without a read
+        // (tftpd-hpa reads ahead the same way).
+        self.read_ahead_due.push((i, t.generation));
         if let Some(d) = t.sender.poll_timeout() {
             if t.timer.is_none_or(|queued| d < queued) {
                 t.timer = Some(d);
