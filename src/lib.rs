@@ -11,8 +11,8 @@
 //! | [`tftp::packet`] | encode/decode of RRQ, WRQ, DATA, ACK, ERROR, OACK and their options |
 //! | [`tftp::netascii`] | streaming netascii translation (RFC 764 line endings) |
 //! | [`tftp::transfer`] | pure sender/receiver state machines (packets and `now` in, packets and deadlines out) and the protocol decisions: `accept` (options within our caps, the curl `tsize 0` quirk), probation of unproven clients, the TID rule |
-//! | [`tftp::server`] | the request port: screening (opcode, allow list, size, then parsing), duplicate absorption, content from a [`tftp::Source`], then the transfer's own socket (RFC 1350 TID) handed to the engine |
-//! | `tftp::engine` | the transfer driver: a few event-loop threads (one per core, at most 4) run every transfer's socket and timers; a transfer is a small state, not a thread or a task; files are read with `pread` (see its module doc for why not tokio tasks) |
+//! | [`tftp::server`] | the request port: screening (opcode, allow list, size, then parsing), duplicate absorption, content from a [`tftp::Source`], then the transfer handed to the engine |
+//! | `tftp::engine` | the transfer driver: a few event-loop threads (one per core, at most 4) run every transfer's datagrams and timers; a transfer is a small state, not a thread or a task; each loop's transfers share one port per listener address (RFC 1350 TIDs told apart by the client's address and port), read and written in batches with `recvmmsg`/`sendmmsg` (`tftp::datagrams`); files are read with `pread` (see its module doc for why not tokio tasks) |
 //! | [`tftp::client`] | tokio driver for downloads, yielding bytes as they arrive |
 //! | [`net`] | binding UDP and TCP sockets (v6-only IPv6, buffer sizes) for every listener |
 //! | [`name`] | phone file names: normalization, case folding, rejection of escapes |

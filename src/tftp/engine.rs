@@ -1,5 +1,5 @@
 //! The transfer engine: a few event-loop threads (one per core, at most four) drive every
-//! transfer's socket and timers. A transfer is a small state (its socket, its
+//! transfer's datagrams and timers. A transfer is a small state (its port, its
 //! [`Sender`](super::transfer::Sender), its [`Feed`]) in one loop's table, not a thread or a
 //! task, so a boot storm of thousands of transfers costs memory per transfer, not threads.
 //!
@@ -8,32 +8,67 @@
 //! ACK, reads it, feeds the state machine, reads the next block with `pread` and sends it, all
 //! without a scheduler or a channel in between: the same single wake-up that made the earlier
 //! thread-per-transfer driver beat tftpd-hpa (benches/tftp_engine.sh), without its thread per
-//! transfer (issue 12). Each transfer keeps its own ephemeral port (RFC 1350 TID).
+//! transfer (issue 12).
+//!
+//! Ports (RFC 1350 §4 TIDs): each loop has one shared transfer port per listener address, its
+//! own ephemeral port (never 69), and a transfer's datagrams are told apart there by the
+//! client's address and port. A turn reads every datagram waiting on a shared port with one
+//! `recvmmsg` and sends what the turn produced with one `sendmmsg` at its end
+//! ([`datagrams`](super::datagrams)): in a storm, many phones' ACKs and DATA blocks per
+//! system call instead of two or three system calls per block, and no socket to open, bind,
+//! watch and close per transfer. A lone lock-step transfer still gets its next block in the
+//! turn its ACK arrived. A client address and port that already has a transfer on this loop's
+//! shared port (a phone asking again while its previous transfer lingers) gets a port of its
+//! own for the new one, as every transfer had before.
+//!
+//! What sharing a port changes for an attacker who is not on the path: to end or steer a
+//! phone's transfer (a spoofed ERROR or ACK) or to slip a DATA block into its download, they
+//! must now guess the phone's address and port only, since the server's port of a transfer
+//! is the same for every transfer of a loop and any client can learn it. With a port per
+//! transfer they also had to guess the server's (about 15 bits more). TFTP has no
+//! authentication either way: an attacker on the path or on the phones' VLAN sees both ports,
+//! and phones protect their configuration with signed files (ITL/CTL), not with port numbers.
+//! A datagram from an address and port without a transfer on the port is answered ERROR 5 and
+//! touches no transfer, as before.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::io;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::debug;
 
+use super::datagrams::{Inbox, Outbox, BATCH};
 use super::feed::{read_ahead, Feed};
 use super::packet::{ErrorCode, ErrorPacket, Mode, Packet};
 use super::server::{Source, Ticket, TransferError, TransferReport};
 use super::shared::SharedFiles;
-use super::transfer::{foreign_tid, Sender, Status};
+use super::transfer::{foreign_tid, unknown_tid, Sender, Status};
 use crate::content::Body;
+use crate::net::{bind_udp_std, descriptors_exhausted, out_of_descriptors};
 
 const WAKE: Token = Token(usize::MAX);
+/// Shared port `k` of a loop is watched as `Token(SHARED - k)`; transfers' own sockets use
+/// their table index, which never comes near.
+const SHARED: usize = usize::MAX - 1;
 
-/// A transfer ready to run: socket bound, options decided, content open.
+/// Buffers asked for a shared port: a storm's ACKs from thousands of phones arrive together,
+/// and a turn's DATA blocks leave together (the kernel caps this at net.core.{r,w}mem_max).
+const SHARED_BUFFER: usize = 4 << 20;
+
+/// A transfer ready to run: options decided, content open.
 pub(crate) struct Job {
-    pub sock: std::net::UdpSocket,
+    /// The listener's address with port 0: the transfer's port is a new one on the same
+    /// address (a new TID, RFC 1350 §4), shared or its own.
+    pub local: SocketAddr,
     pub peer: SocketAddr,
     pub sender: Sender,
     pub body: Body,
@@ -61,11 +96,16 @@ enum Cmd {
 struct Mailbox {
     tx: mpsc::Sender<Cmd>,
     waker: Arc<Waker>,
+    /// Set by the loop just before it sleeps in `poll`: only then does a command need the
+    /// waker (a system call and a turn of its own); a busy loop reads its mail before sleeping.
+    asleep: Arc<AtomicBool>,
 }
 
 impl Mailbox {
     fn send(&self, cmd: Cmd) {
-        if self.tx.send(cmd).is_ok() {
+        // SeqCst pairs with the loop's store-then-read in `Loop::run`: either this sees the
+        // loop asleep and wakes it, or the loop's read after its store sees the command.
+        if self.tx.send(cmd).is_ok() && self.asleep.swap(false, Ordering::SeqCst) {
             let _ = self.waker.wake();
         }
     }
@@ -79,26 +119,44 @@ pub(crate) struct Engine {
 }
 
 impl Engine {
-    /// Starts `threads` loops; streams are read on `runtime`.
-    pub fn start(threads: usize, runtime: tokio::runtime::Handle) -> io::Result<Engine> {
+    /// Starts `threads` loops, each with a shared transfer port on every address of
+    /// `shared_on` (transfers for other addresses get ports of their own); streams are read on
+    /// `runtime`.
+    pub fn start(
+        threads: usize,
+        runtime: tokio::runtime::Handle,
+        shared_on: &[IpAddr],
+    ) -> io::Result<Engine> {
         let active = Arc::new(AtomicUsize::new(0));
         let shared = Arc::new(SharedFiles::default());
         let mut loops = Vec::new();
         for i in 0..threads.max(1) {
             let poll = Poll::new()?;
             let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+            let ports = shared_on
+                .iter()
+                .enumerate()
+                .map(|(k, ip)| SharedPort::open(*ip, &poll, Token(SHARED - k)))
+                .collect::<io::Result<Vec<_>>>()?;
             let (tx, rx) = mpsc::channel();
-            let mailbox = Mailbox { tx, waker };
+            let mailbox = Mailbox {
+                tx,
+                waker,
+                asleep: Arc::new(AtomicBool::new(false)),
+            };
             let mut l = Loop {
                 shared: shared.clone(),
                 poll,
                 rx,
+                held: None,
                 mailbox: mailbox.clone(),
                 runtime: runtime.clone(),
                 active: active.clone(),
+                ports,
                 table: Vec::new(),
                 free: Vec::new(),
                 timers: BinaryHeap::new(),
+                read_ahead_due: Vec::new(),
                 generation: 0,
             };
             std::thread::Builder::new()
@@ -139,9 +197,55 @@ impl Drop for Engine {
     }
 }
 
+/// Sends `datagram` to `peer` through `port`: at once from an own socket, at the end of the
+/// turn from a shared port. A full send buffer drops it; the retransmission timer recovers it.
+fn transmit(ports: &mut [SharedPort], port: &Port, peer: SocketAddr, datagram: Bytes) {
+    match port {
+        Port::Shared(k) => ports[*k].outbox.push(datagram, peer),
+        Port::Own(sock) => {
+            if let Err(e) = sock.send_to(&datagram, peer) {
+                debug!(client = %peer, "send failed: {e}");
+            }
+        }
+    }
+}
+
+/// One loop's shared transfer port on one listener address.
+struct SharedPort {
+    sock: UdpSocket,
+    /// The address it was opened on (the listener's, port 0).
+    ip: IpAddr,
+    /// The transfers on this port, by their client's address and port.
+    peers: HashMap<SocketAddr, usize>,
+    /// What this loop turn sends from this port.
+    outbox: Outbox,
+}
+
+impl SharedPort {
+    fn open(ip: IpAddr, poll: &Poll, token: Token) -> io::Result<SharedPort> {
+        let mut sock = UdpSocket::from_std(bind_udp_std(SocketAddr::new(ip, 0), SHARED_BUFFER)?);
+        poll.registry()
+            .register(&mut sock, token, Interest::READABLE)?;
+        Ok(SharedPort {
+            sock,
+            ip,
+            peers: HashMap::new(),
+            outbox: Outbox::default(),
+        })
+    }
+}
+
+/// Where a transfer's datagrams go in and out.
+enum Port {
+    /// Shared port `k` of the loop.
+    Shared(usize),
+    /// A socket of its own (its client already had a transfer on the shared port).
+    Own(UdpSocket),
+}
+
 struct Transfer {
     generation: u64,
-    sock: UdpSocket,
+    port: Port,
     peer: SocketAddr,
     sender: Sender,
     feed: Feed,
@@ -162,12 +266,17 @@ struct Loop {
     shared: Arc<SharedFiles>,
     poll: Poll,
     rx: mpsc::Receiver<Cmd>,
+    /// A command read by [`Loop::has_mail`] and not yet handled.
+    held: Option<Cmd>,
     mailbox: Mailbox,
     runtime: tokio::runtime::Handle,
     active: Arc<AtomicUsize>,
+    ports: Vec<SharedPort>,
     table: Vec<Option<Transfer>>,
     free: Vec<usize>,
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Transfers (index, generation) whose next block is read once the turn's datagrams left.
+    read_ahead_due: Vec<(usize, u64)>,
     generation: u64,
 }
 
@@ -176,33 +285,83 @@ impl Loop {
         let mut events = Events::with_capacity(1024);
         // Clients send ACKs and ERRORs: a few hundred bytes at most; longer is garbage anyway.
         let mut buf = vec![0u8; 2048];
+        let mut inbox = Inbox::default();
         loop {
-            let timeout = self
+            let mut timeout = self
                 .timers
                 .peek()
                 .map(|Reverse((t, ..))| t.saturating_duration_since(Instant::now()));
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            self.mailbox.asleep.store(true, Ordering::SeqCst);
+            // Mail sent before the store above did not wake us: read it now, and do not sleep
+            // before what it started is sent.
+            if self.has_mail() {
+                self.mailbox.asleep.store(false, Ordering::SeqCst);
+                if !self.take_mail() {
+                    return;
+                }
+                self.end_turn();
+                timeout = Some(Duration::ZERO);
+            }
+            let polled = self.poll.poll(&mut events, timeout);
+            self.mailbox.asleep.store(false, Ordering::SeqCst);
+            if let Err(e) = polled {
                 if e.kind() != io::ErrorKind::Interrupted {
                     tracing::error!("TFTP event loop: poll failed: {e}");
                     return;
                 }
             }
             for ev in events.iter() {
+                let token = ev.token().0;
                 if ev.token() == WAKE {
                     if !self.take_mail() {
                         return;
                     }
+                } else if let Some(k) = SHARED.checked_sub(token).filter(|&k| k < self.ports.len())
+                {
+                    self.shared_readable(k, &mut inbox);
                 } else {
-                    self.readable(ev.token().0, &mut buf);
+                    self.readable(token, &mut buf);
                 }
             }
             self.fire_timers();
+            self.end_turn();
         }
+    }
+
+    /// Everything this turn produced leaves now, before the loop sleeps again; then the next
+    /// blocks are read ahead (a failed read queues an ERROR, sent at once too).
+    fn end_turn(&mut self) {
+        self.flush();
+        self.read_ahead();
+        self.flush();
+    }
+
+    /// Reads ahead the next block of every transfer that sent one this turn.
+    fn read_ahead(&mut self) {
+        while let Some((i, generation)) = self.read_ahead_due.pop() {
+            let Some(Some(t)) = self.table.get_mut(i) else {
+                continue;
+            };
+            if t.generation != generation {
+                continue;
+            }
+            if let Err(e) = t.feed.prefetch() {
+                self.source_failed(i, e);
+            }
+        }
+    }
+
+    /// Whether a command is waiting (it is kept for [`take_mail`](Self::take_mail)).
+    fn has_mail(&mut self) -> bool {
+        if self.held.is_none() {
+            self.held = self.rx.try_recv().ok();
+        }
+        self.held.is_some()
     }
 
     /// Handles every queued command; `false` on `Stop`.
     fn take_mail(&mut self) -> bool {
-        while let Ok(cmd) = self.rx.try_recv() {
+        while let Some(cmd) = self.held.take().or_else(|| self.rx.try_recv().ok()) {
             match cmd {
                 Cmd::Start(job) => self.insert(*job),
                 Cmd::Data(i, g) if self.is_live(i, g) => self.drive(i),
@@ -227,25 +386,10 @@ impl Loop {
         });
         self.generation += 1;
         let generation = self.generation;
-        let mut sock = UdpSocket::from_std(job.sock);
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut sock, Token(i), Interest::READABLE)
-        {
-            // The client hears a fixed ERROR 0 rather than nothing (it would resend into the
-            // same failure for seconds); the slot is freed and the failure counted.
-            let reply = super::server::OpenError::Unavailable.reply().encode();
-            let _ = sock.send_to(&reply, job.peer);
-            crate::metrics::global().refused("start_failed");
-            self.free.push(i);
-            self.active.fetch_sub(1, Ordering::AcqRel);
-            let mut report = job.report;
-            report.outcome = Err(TransferError::NotStarted(e.to_string()));
-            drop(job.ticket);
-            job.source.finished(&report);
-            return;
-        }
+        let port = match self.port_for(i, &job) {
+            Ok(p) => p,
+            Err(e) => return self.refuse_start(i, job, e),
+        };
         let blksize = job.sender.params().blksize;
         let window = job.sender.params().windowsize as usize;
         let mut reader = None;
@@ -287,7 +431,7 @@ impl Loop {
         ticket.on_probation(Box::new(move || mailbox.send(Cmd::Cancel(i, generation))));
         self.table[i] = Some(Transfer {
             generation,
-            sock,
+            port,
             peer: job.peer,
             sender: job.sender,
             feed,
@@ -303,18 +447,66 @@ impl Loop {
         self.drive(i);
     }
 
+    /// The port for transfer `i`: the loop's shared port on the job's address, unless its
+    /// client already has a transfer there (two transfers cannot share one pair of TIDs); then
+    /// a socket of its own, as every transfer had before shared ports.
+    fn port_for(&mut self, i: usize, job: &Job) -> io::Result<Port> {
+        let ip = job.local.ip();
+        if let Some(k) = self.ports.iter().position(|p| p.ip == ip) {
+            if let std::collections::hash_map::Entry::Vacant(v) =
+                self.ports[k].peers.entry(job.peer)
+            {
+                v.insert(i);
+                return Ok(Port::Shared(k));
+            }
+        }
+        let params = job.sender.params();
+        let buffer = (params.blksize as usize + 4) * params.windowsize as usize * 2;
+        // Below 64 KiB the kernel's default buffers (208 KiB on Linux) already hold it.
+        let buffer = if buffer <= 64 * 1024 { 0 } else { buffer };
+        let mut sock = UdpSocket::from_std(bind_udp_std(job.local, buffer)?);
+        self.poll
+            .registry()
+            .register(&mut sock, Token(i), Interest::READABLE)?;
+        Ok(Port::Own(sock))
+    }
+
+    /// A transfer that could not get a port: the client hears a fixed ERROR 0 from the shared
+    /// port when there is one (rather than nothing: it would resend into the same failure for
+    /// seconds), the slot is freed and the failure counted; running out of descriptors is
+    /// logged once per burst.
+    fn refuse_start(&mut self, i: usize, job: Job, e: io::Error) {
+        if out_of_descriptors(&e) {
+            descriptors_exhausted("TFTP transfer socket", &e);
+        } else {
+            tracing::warn!(client = %job.peer, "cannot open a transfer socket: {e}");
+            crate::metrics::global().refused("start_failed");
+        }
+        if let Some(p) = self.ports.iter_mut().find(|p| p.ip == job.local.ip()) {
+            let reply = super::server::OpenError::Unavailable.reply().encode();
+            p.outbox.push(reply, job.peer);
+        }
+        self.free.push(i);
+        self.active.fetch_sub(1, Ordering::AcqRel);
+        let mut report = job.report;
+        report.outcome = Err(TransferError::NotStarted(e.to_string()));
+        drop(job.ticket);
+        job.source.finished(&report);
+    }
+
+    /// A transfer's own socket is readable.
     fn readable(&mut self, i: usize, buf: &mut [u8]) {
         // Readiness is edge-triggered: read until the socket is empty. Each packet is answered
         // before the next read, so the read that finds the socket empty is off the ACK -> DATA
-        // path (lock-step latency is the benchmark against tftpd-hpa). Reading with recvmmsg
-        // instead (a short batch says the socket is empty, without that last read) measured
-        // 5-20 % slower lock-step at blksize 512: the look for a second datagram inside the
-        // same call is on the ACK's path, and the storm's CPU per boot did not move.
+        // path (lock-step latency is the benchmark against tftpd-hpa).
         loop {
             let Some(Some(t)) = self.table.get_mut(i) else {
                 return;
             };
-            let (n, from) = match t.sock.recv_from(buf) {
+            let Port::Own(sock) = &t.port else {
+                return;
+            };
+            let (n, from) = match sock.recv_from(buf) {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 // ICMP port unreachable and the like: the client is gone or will retry.
@@ -324,17 +516,85 @@ impl Loop {
                 }
             };
             if let Some(e) = foreign_tid(t.peer, from) {
-                let _ = t.sock.send_to(&e, from);
+                let _ = sock.send_to(&e, from);
                 continue;
             }
-            match Packet::decode(&buf[..n]) {
-                Ok(p) => t.sender.handle(&p, Instant::now()),
+            self.datagram(i, &buf[..n]);
+        }
+    }
+
+    /// Shared port `k` is readable: every datagram waiting is read, a batch per system call,
+    /// and handed to the transfer of its sender.
+    fn shared_readable(&mut self, k: usize, inbox: &mut Inbox) {
+        loop {
+            let fd = self.ports[k].sock.as_raw_fd();
+            let n = match inbox.recv(fd) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    let _ = t.sock.send_to(&e.reply().encode(), t.peer);
-                    return self.finish(i, Err(TransferError::Malformed(e)));
+                    debug!("recv on a shared transfer port: {e}");
+                    continue;
+                }
+            };
+            for j in 0..n {
+                let (data, from) = inbox.get(j);
+                let Some(from) = from else { continue };
+                match self.ports[k].peers.get(&from) {
+                    Some(&i) => self.datagram(i, data),
+                    // RFC 1350 §4: a datagram from an unknown TID is answered ERROR 5 and
+                    // disturbs no transfer.
+                    None => self.ports[k].outbox.push(unknown_tid(), from),
                 }
             }
-            self.drive(i);
+            // The batch's answers leave together, at once: a lone lock-step transfer's next
+            // block goes out now, not after the rest of the turn.
+            self.flush_port(k);
+            self.read_ahead();
+            // A short batch: the socket was empty when the call returned (a datagram arriving
+            // since raises readiness again).
+            if n < BATCH {
+                return;
+            }
+        }
+    }
+
+    /// A datagram from transfer `i`'s client.
+    fn datagram(&mut self, i: usize, data: &[u8]) {
+        let Some(Some(t)) = self.table.get_mut(i) else {
+            return;
+        };
+        match Packet::decode(data) {
+            Ok(p) => t.sender.handle(&p, Instant::now()),
+            Err(e) => {
+                self.send(i, e.reply().encode());
+                return self.finish(i, Err(TransferError::Malformed(e)));
+            }
+        }
+        self.drive(i);
+    }
+
+    /// Sends one datagram to transfer `i`'s client (see [`transmit`]).
+    fn send(&mut self, i: usize, datagram: Bytes) {
+        if let Some(Some(t)) = self.table.get(i) {
+            transmit(&mut self.ports, &t.port, t.peer, datagram);
+        }
+    }
+
+    /// Sends what this turn queued on every shared port.
+    fn flush(&mut self) {
+        for k in 0..self.ports.len() {
+            self.flush_port(k);
+        }
+    }
+
+    fn flush_port(&mut self, k: usize) {
+        let p = &mut self.ports[k];
+        if p.outbox.len() == 0 {
+            return;
+        }
+        let (dropped, e) = p.outbox.flush(p.sock.as_raw_fd());
+        if let Some(e) = e {
+            debug!("{dropped} datagram(s) not sent from a shared transfer port: {e}");
         }
     }
 
@@ -355,10 +615,7 @@ impl Loop {
             if t.first_data.is_none() && d.starts_with(&[0, 3]) {
                 t.first_data = Some(now);
             }
-            // A full send buffer drops the datagram; the retransmission timer recovers it.
-            if let Err(e) = t.sock.send_to(&d, t.peer) {
-                debug!(client = %t.peer, "send failed: {e}");
-            }
+            transmit(&mut self.ports, &t.port, t.peer, d);
         }
         if !t.told_proven && t.sender.is_proven() {
             t.told_proven = true;
@@ -384,11 +641,10 @@ impl Loop {
             self.finish(i, outcome);
             return;
         }
-        // The next block is read now, while the client is busy acknowledging this one, so the
-        // ACK finds it ready and is answered without a read (tftpd-hpa reads ahead the same way).
-        if let Err(e) = t.feed.prefetch() {
-            return self.source_failed(i, e);
-        }
+        // The next block is read once this turn's datagrams have left, while the client is busy
+        // acknowledging this one, so the ACK finds it ready and is answered without a read
+        // (tftpd-hpa reads ahead the same way).
+        self.read_ahead_due.push((i, t.generation));
         if let Some(d) = t.sender.poll_timeout() {
             if t.timer.is_none_or(|queued| d < queued) {
                 t.timer = Some(d);
@@ -400,10 +656,8 @@ impl Loop {
     /// A failed source (a truncated upstream, an unreadable file) is an ERROR for the client,
     /// never a short final DATA that would make a truncated file look complete.
     fn source_failed(&mut self, i: usize, e: io::Error) {
-        if let Some(Some(t)) = self.table.get(i) {
-            let e2 = ErrorPacket::new(ErrorCode::NotDefined, "transfer failed").encode();
-            let _ = t.sock.send_to(&e2, t.peer);
-        }
+        let e2 = ErrorPacket::new(ErrorCode::NotDefined, "transfer failed").encode();
+        self.send(i, e2);
         self.finish(i, Err(TransferError::Source(e.to_string())));
     }
 
@@ -443,8 +697,11 @@ impl Loop {
             return;
         };
         self.free.push(i);
-        // No deregister: closing the socket (below, with `t`) takes it out of the epoll set,
-        // one system call less per transfer in a storm of thousands.
+        // No deregister of an own socket: closing it (below, with `t`) takes it out of the
+        // epoll set, one system call less per transfer.
+        if let Port::Shared(k) = t.port {
+            self.ports[k].peers.remove(&t.peer);
+        }
         if let Some(r) = t.reader.take() {
             r.abort();
         }

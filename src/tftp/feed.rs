@@ -13,7 +13,6 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::pin::Pin;
-use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -41,7 +40,7 @@ enum Raw {
     Stream(mpsc::Receiver<Chunk>),
     /// A small file read whole, shared with every transfer of the same version.
     Memory {
-        data: Arc<[u8]>,
+        data: Bytes,
         offset: usize,
     },
 }
@@ -70,6 +69,7 @@ impl Feed {
     ) -> Feed {
         // A failed read here is retried block by block, where it fails the transfer properly.
         if let Ok(Some(data)) = shared.get(&file, size) {
+            let data = Bytes::from_owner(data);
             return Feed::new(Raw::Memory { data, offset: 0 }, mode, blksize);
         }
         Feed::new(
@@ -103,6 +103,17 @@ impl Feed {
     /// The next block, or `Ok(None)` when a stream has nothing yet (the loop is woken when it
     /// has).
     pub fn try_next(&mut self) -> io::Result<Option<Bytes>> {
+        if let (Raw::Memory { data, offset }, Mode::Octet) = (&mut self.raw, self.mode) {
+            // Blocks of a shared file are slices of its bytes: no copy, no allocation.
+            if self.final_given {
+                return Err(io::Error::other("read past the end"));
+            }
+            let end = (*offset + self.blksize).min(data.len());
+            let block = data.slice(*offset..end);
+            *offset = end;
+            self.final_given = block.len() < self.blksize;
+            return Ok(Some(block));
+        }
         loop {
             if self.pending.len() >= self.blksize {
                 return Ok(Some(self.pending.split_to(self.blksize).freeze()));

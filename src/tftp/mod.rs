@@ -4,6 +4,7 @@
 //! [`crate::content::Found`] a [`Source`] hands it, and a client yields bytes to whoever asked.
 
 pub mod client;
+mod datagrams;
 mod engine;
 mod feed;
 pub mod netascii;

@@ -1,8 +1,9 @@
 //! The TFTP server's front door: listens on every configured address, screens each datagram
 //! (opcode, then the source's allow list, then size, and only then parsing), absorbs a resent
 //! request for a transfer already in progress, asks the [`Source`] for content (admission and
-//! its queue happen there), decides the options ([`accept`]), and only then binds the
-//! transfer's own socket (a new TID, RFC 1350 §4) and hands it to the [`Engine`]'s event loops.
+//! its queue happen there), decides the options ([`accept`]), and only then hands the transfer
+//! to the [`Engine`]'s event loops, which answer from a port other than the listener's (a new
+//! TID, RFC 1350 §4: a loop's shared transfer port, or a port of its own).
 //!
 //! Everything said to a client before a transfer starts is a short fixed ERROR
 //! ([`ErrorPacket`]); what went wrong, with the client's address, goes to the log.
@@ -27,7 +28,7 @@ use super::packet::{DecodeError, ErrorCode, ErrorPacket, Packet, MAX_REQUEST_LEN
 use super::transfer::{accept, Limits, Sender};
 use crate::content::{Found, Origin};
 use crate::name::{FileName, NameError};
-use crate::net::{bind_udp, bind_udp_std, descriptors_exhausted, out_of_descriptors};
+use crate::net::bind_udp;
 
 /// What a front end learns about a read request before it opens the file.
 #[derive(Debug, Clone)]
@@ -115,8 +116,8 @@ pub enum TransferError {
     /// Still unproven when admission gave its slot to a new request (issue 11).
     #[error("displaced by a new request before answering")]
     Displaced,
-    /// The event loop could not take the transfer's socket.
-    #[error("cannot watch the transfer socket: {0}")]
+    /// The event loop could not open or watch a socket for the transfer.
+    #[error("cannot open a transfer socket: {0}")]
     NotStarted(String),
     #[error("malformed packet from client: {0}")]
     Malformed(DecodeError),
@@ -237,7 +238,9 @@ impl Server {
         source: Arc<S>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> io::Result<()> {
-        let engine = Engine::start(loop_threads(), tokio::runtime::Handle::current())?;
+        // Each loop shares one transfer port per listener address among its transfers.
+        let addrs: Vec<IpAddr> = self.local_addrs().iter().map(|a| a.ip()).collect();
+        let engine = Engine::start(loop_threads(), tokio::runtime::Handle::current(), &addrs)?;
         let drain = self.cfg.drain;
         let door = Arc::new(Door {
             limits: self.cfg.limits(),
@@ -253,9 +256,15 @@ impl Server {
                 // Requests longer than MAX_REQUEST_LEN are refused unread: a larger buffer
                 // only tells us that one was longer.
                 let mut buf = vec![0u8; MAX_REQUEST_LEN + 1];
+                // Transfers answer from a new port on the listener's address (a new TID,
+                // RFC 1350 §4).
+                let local = sock
+                    .local_addr()
+                    .map(|a| SocketAddr::new(a.ip(), 0))
+                    .unwrap_or_else(|_| "0.0.0.0:0".parse().unwrap());
                 loop {
                     match sock.recv_from(&mut buf).await {
-                        Ok((n, peer)) => door.datagram(&sock, peer, &buf[..n]).await,
+                        Ok((n, peer)) => door.datagram(&sock, local, peer, &buf[..n]).await,
                         // ICMP errors surface here on some systems; keep listening.
                         Err(e) => debug!("TFTP listener recv error: {e}"),
                     }
@@ -264,7 +273,7 @@ impl Server {
         }
         shutdown.await;
         // Stop answering new requests at once: the ports are free for a restarted server
-        // while the transfers in flight finish on their own sockets.
+        // while the transfers in flight finish on their transfer ports.
         listeners.abort_all();
         while listeners.join_next().await.is_some() {}
         drop(self.sockets);
@@ -349,7 +358,13 @@ async fn refuse(sock: &UdpSocket, peer: SocketAddr, e: ErrorPacket) {
 
 impl<S: Source> Door<S> {
     /// Screens one datagram on a listener, cheapest check first.
-    async fn datagram(self: &Arc<Self>, sock: &Arc<UdpSocket>, peer: SocketAddr, data: &[u8]) {
+    async fn datagram(
+        self: &Arc<Self>,
+        sock: &Arc<UdpSocket>,
+        local: SocketAddr,
+        peer: SocketAddr,
+        data: &[u8],
+    ) {
         let arrived = Instant::now();
         if data.len() < 4 {
             // Not even an opcode and a name: nothing to answer.
@@ -435,15 +450,16 @@ impl<S: Source> Door<S> {
                 mode,
                 arrived,
             };
-            door.serve(&sock, req, pkt, entry).await
+            door.serve(&sock, local, req, pkt, entry).await
         });
     }
 
-    /// Opens the content (admission waits here), decides the options, binds the transfer's
-    /// socket and hands the transfer to the engine.
+    /// Opens the content (admission waits here), decides the options and hands the transfer
+    /// to the engine.
     async fn serve(
         &self,
         listener: &UdpSocket,
+        local: SocketAddr,
         req: ReadRequest,
         rrq: Packet,
         entry: InProgress<S>,
@@ -475,34 +491,10 @@ impl<S: Source> Door<S> {
             Ok(a) => a,
             Err(e) => return refuse(listener, peer, e).await,
         };
-        // The transfer gets its own socket: a new TID (RFC 1350 §4), on the listener's address.
-        let local = listener
-            .local_addr()
-            .map(|a| SocketAddr::new(a.ip(), 0))
-            .unwrap_or_else(|_| "0.0.0.0:0".parse().unwrap());
-        let buffer = (params.blksize as usize + 4) * params.windowsize as usize * 2;
-        // Below 64 KiB the kernel's default buffers (208 KiB on Linux) already hold it.
-        let buffer = if buffer <= 64 * 1024 { 0 } else { buffer };
-        let sock = match bind_udp_std(local, buffer) {
-            Ok(s) => s,
-            Err(e) => {
-                // Out of descriptors (or ports): a fixed text for the phone, which asks again;
-                // counted, and logged once per burst rather than once per request.
-                if out_of_descriptors(&e) {
-                    descriptors_exhausted("TFTP transfer socket", &e);
-                } else {
-                    warn!(client = %peer, name = %name, "cannot open a transfer socket: {e}");
-                    crate::metrics::global().refused("start_failed");
-                }
-                crate::metrics::global().request("tftp", "error");
-                refuse(listener, peer, OpenError::Unavailable.reply()).await;
-                return;
-            }
-        };
         let probation = self.limits.probation(&params);
         let sender = Sender::on_probation(params, oack, Some(probation), Instant::now());
         self.engine.start_transfer(Job {
-            sock,
+            local,
             peer,
             sender,
             body: content.found.body,

@@ -132,7 +132,12 @@ pub fn accept(
 /// peer's address and port belongs to another transfer. It is answered with ERROR 5 (this
 /// packet, to its sender) and the transfer goes on undisturbed.
 pub fn foreign_tid(peer: SocketAddr, from: SocketAddr) -> Option<Bytes> {
-    (from != peer).then(|| ErrorPacket::new(ErrorCode::UnknownTid, "unknown transfer ID").encode())
+    (from != peer).then(unknown_tid)
+}
+
+/// The ERROR 5 answered to a datagram from a TID that has no transfer.
+pub fn unknown_tid() -> Bytes {
+    ErrorPacket::new(ErrorCode::UnknownTid, "unknown transfer ID").encode()
 }
 
 /// The limits of a transfer whose client has not yet acknowledged anything (see
