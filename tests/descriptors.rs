@@ -283,6 +283,8 @@ async fn a_cached_file_unopenable_for_descriptors_is_unavailable_not_fetched_aga
         .assert_intact(&sha256_bytes(&[5u8; 4_000]));
     assert_eq!(origin.gets(name), 1);
 
+    // Once what the transfer held is closed (a descriptor freed later would leave room).
+    tokio::time::sleep(Duration::from_millis(500)).await;
     set_soft_descriptor_limit(bt.pid(), lowest_free_descriptor(bt.pid()));
     for i in 0..3 {
         let (_, reply, _) = ask(bt.addr, Ipv4Addr::new(127, 0, 0, 30 + i), name).await;
