@@ -32,22 +32,42 @@ fn open_descriptors(pid: u32) -> (usize, usize) {
     (fds.len(), fds.iter().copied().max().unwrap_or(0))
 }
 
+/// `pid`'s RLIMIT_NOFILE, after setting it to `new` if given (what `prlimit --pid PID` does).
+fn descriptor_limit(pid: u32, new: Option<libc::rlimit>) -> libc::rlimit {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let new_ptr = new
+        .as_ref()
+        .map_or(std::ptr::null(), |l| l as *const libc::rlimit);
+    // SAFETY: prlimit on our own child with a valid (or null) new rlimit and a valid place
+    // for the old one.
+    let r = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, new_ptr, &mut old) };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    old
+}
+
 /// Sets `pid`'s soft and hard RLIMIT_NOFILE (what `prlimit --pid PID --nofile=N:N` does).
 fn set_descriptor_limit(pid: u32, n: u64) {
-    let lim = libc::rlimit {
-        rlim_cur: n,
-        rlim_max: n,
-    };
-    // SAFETY: prlimit on our own child with a valid rlimit and no old-value pointer.
-    let r = unsafe {
-        libc::prlimit(
-            pid as libc::pid_t,
-            libc::RLIMIT_NOFILE,
-            &lim,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    descriptor_limit(
+        pid,
+        Some(libc::rlimit {
+            rlim_cur: n,
+            rlim_max: n,
+        }),
+    );
+}
+
+/// `branchtftp_refused_total{reason="descriptors"}` as `/metrics` shows it, and the whole page.
+async fn refused_for_descriptors(admin: SocketAddr) -> (u64, String) {
+    let metrics = admin_get(admin, "/metrics").await;
+    let refused = metric_value(
+        &metrics,
+        "branchtftp_refused_total",
+        &[("reason", "descriptors")],
+    );
+    (refused, metrics)
 }
 
 /// A client that keeps a transfer (and so its socket and file) open: it acknowledges one block
@@ -175,12 +195,7 @@ async fn out_of_descriptors_is_a_fixed_counted_error_and_phones_are_served_once_
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let metrics = admin_get(admin, "/metrics").await;
-    let refused = metric_value(
-        &metrics,
-        "branchtftp_refused_total",
-        &[("reason", "descriptors")],
-    );
+    let (refused, metrics) = refused_for_descriptors(admin).await;
     assert!(refused >= 4, "refused {refused}\n{metrics}");
     let log = bt.log();
     assert_eq!(
@@ -222,30 +237,9 @@ fn the_units_limits_cover_the_default_configuration() {
 
 /// Sets `pid`'s soft RLIMIT_NOFILE only, so it can be raised again up to the hard limit.
 fn set_soft_descriptor_limit(pid: u32, n: u64) {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: prlimit on our own child: read the limits into `lim`, then set them from it.
-    let r = unsafe {
-        libc::prlimit(
-            pid as libc::pid_t,
-            libc::RLIMIT_NOFILE,
-            std::ptr::null(),
-            &mut lim,
-        )
-    };
-    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let mut lim = descriptor_limit(pid, None);
     lim.rlim_cur = n.min(lim.rlim_max);
-    let r = unsafe {
-        libc::prlimit(
-            pid as libc::pid_t,
-            libc::RLIMIT_NOFILE,
-            &lim,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    descriptor_limit(pid, Some(lim));
 }
 
 /// The lowest descriptor number `pid` has free: with RLIMIT_NOFILE there, it can open nothing.
@@ -301,12 +295,7 @@ async fn a_cached_file_unopenable_for_descriptors_is_unavailable_not_fetched_aga
     curl_tftp_get(bt.addr, name, &out, None)
         .await
         .assert_intact(&sha256_bytes(&[5u8; 4_000]));
-    let metrics = admin_get(admin, "/metrics").await;
-    let refused = metric_value(
-        &metrics,
-        "branchtftp_refused_total",
-        &[("reason", "descriptors")],
-    );
+    let (refused, metrics) = refused_for_descriptors(admin).await;
     assert!(refused >= 3, "refused {refused}\n{metrics}");
     assert_eq!(origin.gets(name), 1);
 }
