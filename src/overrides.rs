@@ -120,11 +120,8 @@ impl Overrides {
             return Ok(None);
         };
         // The exact spelling wins when two files differ only in letter case.
-        let mut tries = vec![spelled.as_str()];
-        if spelled != name.as_str() {
-            tries.insert(0, name.as_str());
-        }
-        for rel in tries {
+        let exact = (spelled != name.as_str()).then_some(name.as_str());
+        for rel in exact.into_iter().chain([spelled.as_str()]) {
             match self.open_beneath(rel) {
                 Ok(Some(f)) => return Ok(Some(f)),
                 Ok(None) => continue,
@@ -206,10 +203,7 @@ impl Overrides {
 }
 
 fn watch(root: &Path, stale: Arc<AtomicBool>) -> Option<crate::watch::Watch> {
-    let marked = move |ev: &notify::Result<notify::Event>| match ev {
-        Ok(ev) if ev.kind.is_access() => {}
-        _ => stale.store(true, Ordering::Release),
-    };
+    let marked = move |_: &notify::Result<notify::Event>| stale.store(true, Ordering::Release);
     crate::watch::watch(root, RecursiveMode::Recursive, marked)
         .map_err(|e| {
             warn!(dir = %root.display(), "cannot watch the overrides (re-read every second): {e}")

@@ -126,11 +126,10 @@ fn start_watcher(path: &Path, tx: mpsc::UnboundedSender<()>) -> Option<crate::wa
     let name = path.file_name()?.to_os_string();
     let changed = move |ev: &notify::Result<notify::Event>| {
         if let Ok(ev) = ev {
-            if !ev.kind.is_access()
-                && ev
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name() == Some(name.as_os_str()))
+            if ev
+                .paths
+                .iter()
+                .any(|p| p.file_name() == Some(name.as_os_str()))
             {
                 let _ = tx.send(());
             }
