@@ -192,14 +192,8 @@ fn main() {
             let r = run(&rt, &server, n);
             let (boots, cost) = (&r.0, &r.1);
             println!(
-                "| {n} | {name} | {} | {} | {:.3} | {:.3} | {:.2} | {} | {:.2} | {:.1} | {} |",
-                boots.booted,
-                boots.gave_up,
-                boots.p50,
-                boots.p99,
-                cost.wall,
-                boots.resent,
-                cost.cpu_ms_per(boots.booted),
+                "| {n} | {name} | {} | {:.1} | {} |",
+                boots.cells(cost.wall, cost.cpu_ms_per(boots.booted)),
                 cost.rss_mb,
                 cost.threads,
             );

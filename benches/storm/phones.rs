@@ -103,6 +103,15 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// The cells every storm table starts with, after phones and server: booted, gave up,
+    /// p50 and p99 s, wall s, resent, server CPU ms per boot.
+    pub fn cells(&self, wall: f64, cpu_ms_per_boot: f64) -> String {
+        format!(
+            "{} | {} | {:.3} | {:.3} | {wall:.2} | {} | {cpu_ms_per_boot:.2}",
+            self.booted, self.gave_up, self.p50, self.p99, self.resent
+        )
+    }
+
     pub fn of(boots: &[Boot]) -> Summary {
         let mut times: Vec<f64> = boots
             .iter()
