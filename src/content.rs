@@ -25,6 +25,8 @@ pub enum Body {
     Cached(Box<CachedFile>),
     /// An override (or `serve --root`): a local file.
     Local(std::fs::File),
+    /// A small override, whole, from the copy shared by every request for it.
+    Memory(bytes::Bytes),
     /// A miss streaming through from an upstream. Fails with an error if the upstream transfer
     /// fails; ends only when the file is complete.
     Stream(Pin<Box<dyn AsyncRead + Send>>),

@@ -7,16 +7,25 @@
 //! request cost 3.8 ms with 5,000 files, twice per booting phone). Changes mark the index
 //! stale and the next lookup rebuilds it; without a watcher (inotify limits) it is rebuilt at
 //! most once a second.
+//!
+//! A small file (at most [`COPY_MAX`]) is read whole when first asked for and served from that
+//! copy until the folder changes: a boot storm asks for the same few files thousands of times,
+//! and each open, stat and close (and the inotify events an open raises) cost more than
+//! sending the file. Any change seen in the folder drops every copy, as it marks the index
+//! stale; a copy read while a change was being noticed is not kept (the copies' generation).
+//! The copies are bounded by [`COPY_BUDGET`].
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use notify::RecursiveMode;
 use tracing::warn;
 
@@ -26,6 +35,28 @@ use crate::name::FileName;
 const MAX_DEPTH: usize = 8;
 /// Without a watcher, the index is at most this old.
 const UNWATCHED_REFRESH: Duration = Duration::from_secs(1);
+/// Largest file served from a copy in memory (trust lists, configs, locale jars, tones).
+pub const COPY_MAX: u64 = 64 << 10;
+/// Bytes of copies held at most; each copy counts at least [`COPY_OVERHEAD`].
+pub const COPY_BUDGET: usize = 8 << 20;
+const COPY_OVERHEAD: usize = 256;
+
+/// An override opened for serving.
+pub enum Override {
+    /// A small file, whole, from the copy shared by every request since the folder last changed.
+    Memory(Bytes),
+    /// A larger file, open, with its size.
+    File(File, u64),
+}
+
+/// The small files read whole since the folder last changed, by the name as asked.
+#[derive(Default)]
+struct Copies {
+    /// Raised whenever the folder changed: a copy read under an older generation is not kept.
+    generation: u64,
+    files: HashMap<String, Bytes>,
+    bytes: usize,
+}
 
 #[derive(Clone)]
 pub struct Overrides {
@@ -52,6 +83,7 @@ struct Index {
     stale: Arc<AtomicBool>,
     /// When the index was built, for the unwatched refresh.
     built: Mutex<Instant>,
+    copies: Mutex<Copies>,
     watcher: Option<crate::watch::Watch>,
 }
 
@@ -68,6 +100,7 @@ impl Overrides {
                 root_dir: RwLock::new(None),
                 stale,
                 built: Mutex::new(Instant::now()),
+                copies: Mutex::new(Copies::default()),
                 watcher,
             }),
         }
@@ -83,6 +116,12 @@ impl Overrides {
         let old = ix.watcher.is_none() && ix.built.lock().unwrap().elapsed() > UNWATCHED_REFRESH;
         // Clear the mark before scanning: a change during the scan marks it again.
         if ix.stale.swap(false, Ordering::AcqRel) || old {
+            {
+                let mut copies = ix.copies.lock().unwrap();
+                copies.generation += 1;
+                copies.files.clear();
+                copies.bytes = 0;
+            }
             let mut files = HashMap::new();
             scan(&self.root, "", 0, &mut files);
             *ix.files.write().unwrap() = files;
@@ -108,14 +147,46 @@ impl Overrides {
         (real.starts_with(&root) && real.is_file()).then_some(real)
     }
 
+    /// A file for serving: a small one from its copy in memory (read whole and kept when first
+    /// asked for), a larger one open (see [`open_file`](Self::open_file)).
+    pub fn open(&self, name: &FileName) -> io::Result<Option<Override>> {
+        self.refresh();
+        let generation = {
+            let copies = self.index.copies.lock().unwrap();
+            if let Some(copy) = copies.files.get(name.as_str()) {
+                return Ok(Some(Override::Memory(copy.clone())));
+            }
+            copies.generation
+        };
+        let Some((file, size)) = self.open_file(name)? else {
+            return Ok(None);
+        };
+        if size > COPY_MAX {
+            return Ok(Some(Override::File(file, size)));
+        }
+        let mut buf = vec![0u8; size as usize];
+        if file.read_exact_at(&mut buf, 0).is_err() {
+            // Shorter than its size now (being rewritten): served from the file, whose reader
+            // fails the transfer rather than send a short file as complete.
+            return Ok(Some(Override::File(file, size)));
+        }
+        let copy = Bytes::from(buf);
+        let mut copies = self.index.copies.lock().unwrap();
+        let cost = copy.len().max(COPY_OVERHEAD);
+        if copies.generation == generation && copies.bytes + cost <= COPY_BUDGET {
+            copies.bytes += cost;
+            copies.files.insert(name.as_str().to_string(), copy.clone());
+        }
+        Ok(Some(Override::Memory(copy)))
+    }
+
     /// Opens a file for serving, with its size. The kernel confines the open to the root
     /// (`openat2` with `RESOLVE_BENEATH` from the root directory): a symlink may lead anywhere
     /// beneath it, never out, and nothing can swap a checked path for another between a check
     /// and the open. Two system calls and a close per request, where resolving the path first
     /// cost a readlink per component and three stats (issue 12's storm serves every phone from
     /// here). Kernels or filters without `openat2` take the slower [`resolve`](Self::resolve).
-    pub fn open(&self, name: &FileName) -> io::Result<Option<(File, u64)>> {
-        self.refresh();
+    pub fn open_file(&self, name: &FileName) -> io::Result<Option<(File, u64)>> {
         let Some(spelled) = self.index.files.read().unwrap().get(name.key()).cloned() else {
             return Ok(None);
         };
@@ -262,11 +333,60 @@ mod tests {
 
     fn served(o: &Overrides, name: &str) -> Option<Vec<u8>> {
         use std::io::Read;
-        let (mut f, size) = o.open(&FileName::parse(name).unwrap()).unwrap()?;
+        let (mut f, size) = match o.open(&FileName::parse(name).unwrap()).unwrap()? {
+            Override::Memory(b) => return Some(b.to_vec()),
+            Override::File(f, size) => (f, size),
+        };
         let mut v = Vec::new();
         f.read_to_end(&mut v).unwrap();
         assert_eq!(v.len() as u64, size);
         Some(v)
+    }
+
+    fn copy(o: &Overrides, name: &str) -> Option<Bytes> {
+        match o.open(&FileName::parse(name).unwrap()).unwrap()? {
+            Override::Memory(b) => Some(b),
+            Override::File(..) => None,
+        }
+    }
+
+    #[test]
+    fn a_small_file_is_served_from_one_copy_until_the_folder_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("RingList.xml"), b"rings").unwrap();
+        let big = vec![7u8; COPY_MAX as usize + 1];
+        std::fs::write(dir.path().join("big.sbn"), &big).unwrap();
+        let o = Overrides::new(dir.path());
+        let a = copy(&o, "RingList.xml").unwrap();
+        let b = copy(&o, "RingList.xml").unwrap();
+        assert_eq!(&a[..], b"rings");
+        assert_eq!(
+            a.as_ptr(),
+            b.as_ptr(),
+            "the second request reads the same copy"
+        );
+        assert!(
+            copy(&o, "big.sbn").is_none(),
+            "a large file is opened, not copied"
+        );
+        assert_eq!(served(&o, "big.sbn").unwrap(), big);
+
+        // Rewritten in place (same inode, same size): the change is seen and the copy dropped.
+        std::fs::write(dir.path().join("RingList.xml"), b"RINGS").unwrap();
+        let until = Instant::now() + Duration::from_secs(3);
+        while served(&o, "RingList.xml").unwrap() != b"RINGS" && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(served(&o, "RingList.xml").unwrap(), b"RINGS");
+        std::fs::remove_file(dir.path().join("RingList.xml")).unwrap();
+        let until = Instant::now() + Duration::from_secs(3);
+        while served(&o, "RingList.xml").is_some() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            served(&o, "RingList.xml").is_none(),
+            "a removed file's copy is gone"
+        );
     }
 
     #[test]

@@ -851,7 +851,7 @@ async fn open_and_read(
                 .map_err(|e| e.to_string())?;
             Ok(out)
         }
-        Body::Cached(_) | Body::Local(_) => Err("unexpected hit".into()),
+        Body::Cached(_) | Body::Local(_) | Body::Memory(_) => Err("unexpected hit".into()),
     }
 }
 

@@ -289,7 +289,13 @@ impl Gate {
         counted(self.try_admit(ip, protocol))
     }
 
-    fn try_admit(self: &Arc<Self>, ip: IpAddr, protocol: &'static str) -> Result<Slot, Refusal> {
+    /// [`admit`](Self::admit) without counting "busy": for a caller that queues instead
+    /// ([`admit_queued`](Self::admit_queued)) when every slot is taken.
+    pub fn try_admit(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        protocol: &'static str,
+    ) -> Result<Slot, Refusal> {
         if !self.allows(ip) {
             return Err(Refusal::Denied);
         }

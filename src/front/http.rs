@@ -199,6 +199,7 @@ async fn serve_file(
                 }
                 // An override's size is always known (read from its metadata when opened).
                 content::Body::Local(f) => disk_stream(f, (), found.size.unwrap_or_default()),
+                content::Body::Memory(b) => futures::stream::once(async { Ok(b) }).boxed(),
                 content::Body::Stream(r) => {
                     tokio_util::io::ReaderStream::with_capacity(r, CHUNK).boxed()
                 }
@@ -270,6 +271,10 @@ async fn find(served: &Served, name: &FileName) -> Result<Content, Lookup> {
                 source: copy.source,
             })
         }
+        content::Body::Memory(body) => Ok(Content::Memory {
+            body,
+            source: Arc::from(origin.source()),
+        }),
         content::Body::Local(file) if small => {
             use std::io::Read;
             let want = size.unwrap_or_default();

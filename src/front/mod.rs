@@ -17,7 +17,7 @@ use tracing::info;
 pub use gate::{Gate, Refusal, Slot};
 
 use crate::content::{Body, Found, Origin};
-use crate::overrides::Overrides;
+use crate::overrides::{Override, Overrides};
 use crate::tftp::server::{Content, OpenError, ReadRequest, Source, Ticket, TransferReport};
 use crate::upstream::flight::Fetcher;
 
@@ -43,23 +43,37 @@ impl Resolver {
         name: &crate::name::FileName,
         asked: Instant,
     ) -> Result<Found, Lookup> {
+        match (self.find_now(name), &self.fetcher) {
+            (Some(answer), _) => answer,
+            (None, Some(fetcher)) => fetcher.open(name, asked).await,
+            (None, None) => Err(Lookup::NotFound),
+        }
+    }
+
+    /// [`find`](Self::find) when it needs no upstream: an override, a cached copy, or a name
+    /// known to be missing; `None` when the upstreams must be asked.
+    pub fn find_now(&self, name: &crate::name::FileName) -> Option<Result<Found, Lookup>> {
         if let Some(o) = &self.overrides {
+            let local = |size: u64, body: Body| {
+                Some(Ok(Found {
+                    size: Some(size),
+                    body,
+                    origin: Origin::Local,
+                }))
+            };
             match o.open(name) {
-                Ok(Some((file, size))) => {
-                    return Ok(Found {
-                        size: Some(size),
-                        body: Body::Local(file),
-                        origin: Origin::Local,
-                    })
+                Ok(Some(Override::Memory(copy))) => {
+                    return local(copy.len() as u64, Body::Memory(copy))
                 }
+                Ok(Some(Override::File(file, size))) => return local(size, Body::Local(file)),
                 Ok(None) => {}
-                Err(e) => return Err(Lookup::Failed(format!("cannot read override: {e}"))),
+                Err(e) => return Some(Err(Lookup::Failed(format!("cannot read override: {e}")))),
             }
         }
-        let Some(fetcher) = &self.fetcher else {
-            return Err(Lookup::NotFound);
-        };
-        fetcher.open(name, asked).await
+        match &self.fetcher {
+            Some(fetcher) => fetcher.open_now(name),
+            None => Some(Err(Lookup::NotFound)),
+        }
     }
 }
 
@@ -91,40 +105,28 @@ impl Source for TftpFront {
         // one-timeout bound runs from there.
         let asked = req.arrived;
         Box::pin(async move {
-            let metrics = crate::metrics::global();
             let slot = match self.gate.admit_queued(req.client.ip(), "tftp").await {
                 Ok(s) => s,
-                Err(Refusal::Denied) => {
-                    metrics.request("tftp", "denied");
-                    info!(client = %req.client, name = %req.name, "refused: client outside access.allow");
-                    return Err(OpenError::Denied);
-                }
-                Err(Refusal::Busy) => {
-                    metrics.request("tftp", "error");
-                    info!(client = %req.client, name = %req.name, "refused: server busy");
-                    return Err(OpenError::Busy);
-                }
+                Err(r) => return Err(refused(&req, r)),
             };
-            match self.resolver.find_since(&req.name, asked).await {
-                Ok(found) => {
-                    crate::phones::started(req.client.ip(), req.name.as_str(), "tftp", found.size);
-                    Ok(Content {
-                        found,
-                        ticket: Box::new(slot),
-                    })
-                }
-                Err(Lookup::NotFound) => {
-                    metrics.request("tftp", "not_found");
-                    crate::phones::unanswered(req.client.ip(), req.name.as_str(), "tftp", None);
-                    Err(OpenError::NotFound)
-                }
-                // The details stay here, in the log: never on the wire to a phone.
-                Err(Lookup::Unreachable(why)) => {
-                    Err(unavailable(&req, "upstream unreachable", &why))
-                }
-                Err(Lookup::Failed(why)) => Err(unavailable(&req, "upstream failed", &why)),
-            }
+            let found = self.resolver.find_since(&req.name, asked).await;
+            answer(&req, found, slot)
         })
+    }
+
+    /// Content at hand and a slot free now: answered on the event loop. The content is looked
+    /// up first, so a missing file is answered without taking a slot; a full house goes to
+    /// [`open`](Self::open) and its queue.
+    fn open_now(&self, req: &ReadRequest) -> Option<Result<Content, OpenError>> {
+        let found = self.resolver.find_now(&req.name)?;
+        if let Ok(found) = found {
+            return match self.gate.try_admit(req.client.ip(), "tftp") {
+                Ok(slot) => Some(answer(req, Ok(found), slot)),
+                Err(Refusal::Busy) => None,
+                Err(r) => Some(Err(refused(req, r))),
+            };
+        }
+        Some(answer(req, found, ()))
     }
 
     fn finished(&self, r: &TransferReport) {
@@ -165,6 +167,49 @@ impl Source for TftpFront {
                 source = %source, "transfer failed: {e}"
             ),
         }
+    }
+}
+
+/// Counts and logs a refusal by admission.
+fn refused(req: &ReadRequest, r: Refusal) -> OpenError {
+    let metrics = crate::metrics::global();
+    match r {
+        Refusal::Denied => {
+            metrics.request("tftp", "denied");
+            info!(client = %req.client, name = %req.name, "refused: client outside access.allow");
+            OpenError::Denied
+        }
+        Refusal::Busy => {
+            metrics.request("tftp", "error");
+            info!(client = %req.client, name = %req.name, "refused: server busy");
+            OpenError::Busy
+        }
+    }
+}
+
+/// The content for an admitted request (`ticket`: its slot), or what its lookup answered,
+/// counted and noted in the phones view.
+fn answer(
+    req: &ReadRequest,
+    found: Result<Found, Lookup>,
+    ticket: impl Ticket + 'static,
+) -> Result<Content, OpenError> {
+    match found {
+        Ok(found) => {
+            crate::phones::started(req.client.ip(), req.name.as_str(), "tftp", found.size);
+            Ok(Content {
+                found,
+                ticket: Box::new(ticket),
+            })
+        }
+        Err(Lookup::NotFound) => {
+            crate::metrics::global().request("tftp", "not_found");
+            crate::phones::unanswered(req.client.ip(), req.name.as_str(), "tftp", None);
+            Err(OpenError::NotFound)
+        }
+        // The details stay here, in the log: never on the wire to a phone.
+        Err(Lookup::Unreachable(why)) => Err(unavailable(req, "upstream unreachable", &why)),
+        Err(Lookup::Failed(why)) => Err(unavailable(req, "upstream failed", &why)),
     }
 }
 

@@ -35,6 +35,10 @@ const CHANNEL: usize = 8192;
 const MAX_PHONES: usize = 50_000;
 /// How often quiet boots are ended, metrics updated and changes written.
 const TICK: Duration = Duration::from_secs(1);
+/// After applying a batch, observations are gathered this long before the next: in a boot
+/// storm they come by the thousand per second, and waking the task (and a blocking thread)
+/// for every few of them cost more CPU than the transfers they describe.
+const GATHER: Duration = Duration::from_millis(100);
 
 /// The hot-path end of the channel.
 #[derive(Debug, Clone)]
@@ -229,7 +233,7 @@ impl Keeper {
             tokio::select! {
                 Some(first) = rx.recv() => {
                     let mut batch = vec![first];
-                    while batch.len() < 1024 {
+                    while batch.len() < CHANNEL {
                         match rx.try_recv() {
                             Ok(o) => batch.push(o),
                             Err(_) => break,
@@ -238,6 +242,10 @@ impl Keeper {
                     let k = keeper.clone();
                     // Reading configs and `.loads` is file I/O: off the async threads.
                     let _ = tokio::task::spawn_blocking(move || k.apply(&batch)).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(GATHER) => {}
+                        _ = stopped(&mut stop) => break,
+                    }
                 }
                 _ = tick.tick() => keeper.clone().save(false).await,
                 _ = stopped(&mut stop) => break,

@@ -33,6 +33,11 @@ pub struct Inbox {
     got: Vec<(usize, Option<SocketAddr>)>,
 }
 
+// SAFETY: the raw pointers in `iovs` and `hdrs` point only into the inbox's own boxed buffers
+// (heap memory that does not move with the inbox and is freed with it), so moving an inbox to
+// another thread moves everything they point to with it; nothing is shared.
+unsafe impl Send for Inbox {}
+
 impl Default for Inbox {
     fn default() -> Self {
         // SAFETY: sockaddr_storage, iovec and mmsghdr are plain old data; all zeroes is a

@@ -56,9 +56,10 @@ use crate::content::Body;
 use crate::net::{bind_udp_std, descriptors_exhausted, out_of_descriptors};
 
 const WAKE: Token = Token(usize::MAX);
-/// Shared port `k` of a loop is watched as `Token(SHARED - k)`; transfers' own sockets use
-/// their table index, which never comes near.
+/// Shared port `k` of a loop is watched as `Token(SHARED - k)`, listener `k` as
+/// `Token(LISTEN - k)`; transfers' own sockets use their table index, which never comes near.
 const SHARED: usize = usize::MAX - 1;
+const LISTEN: usize = usize::MAX - (1 << 16);
 
 /// Buffers asked for a shared port: a storm's ACKs from thousands of phones arrive together,
 /// and a turn's DATA blocks leave together (the kernel caps this at net.core.{r,w}mem_max).
@@ -82,8 +83,35 @@ pub(crate) struct Job {
     pub source: Arc<dyn Source>,
 }
 
+/// What the request path decided about one datagram read from a listener.
+pub(crate) enum Step {
+    /// Nothing to send (ignored, absorbed, or handed to the runtime to wait for content).
+    Nothing,
+    /// A fixed ERROR, sent from the listener.
+    Reply(Bytes),
+    /// Content is open and the options decided: the transfer starts on this loop.
+    Start(Box<Job>),
+}
+
+/// The request path as the loops see it: the server's screening, duplicate suppression,
+/// admission and content lookup ([`Door`](super::server)), asked for each request a loop
+/// reads from a listener. What cannot be answered at once (a queued admission, an upstream
+/// miss) goes to the runtime and comes back through [`Engine::start_transfer`].
+pub(crate) trait Front: Send + Sync {
+    fn request(
+        self: Arc<Self>,
+        listener: usize,
+        peer: SocketAddr,
+        data: &[u8],
+        arrived: Instant,
+    ) -> Step;
+}
+
 enum Cmd {
     Start(Box<Job>),
+    /// Stop reading the listeners and let their sockets go (shutdown: the port is free for a
+    /// restarted server while transfers finish); answered when done.
+    CloseListeners(mpsc::Sender<()>),
     /// A stream feeding transfer `(index, generation)` has a new chunk.
     Data(usize, u64),
     /// End transfer `(index, generation)` now: displaced while still unproven.
@@ -111,8 +139,13 @@ impl Mailbox {
     }
 }
 
-/// The running loops.
+/// The running loops; clones reach the same loops.
+#[derive(Clone)]
 pub(crate) struct Engine {
+    inner: Arc<EngineInner>,
+}
+
+struct EngineInner {
     loops: Vec<Mailbox>,
     next: AtomicUsize,
     active: Arc<AtomicUsize>,
@@ -120,17 +153,22 @@ pub(crate) struct Engine {
 
 impl Engine {
     /// Starts `threads` loops, each with a shared transfer port on every address of
-    /// `shared_on` (transfers for other addresses get ports of their own); streams are read on
-    /// `runtime`.
+    /// `shared_on` (transfers for other addresses get ports of their own), each reading
+    /// requests from every socket of `listeners` (the kernel wakes one loop per request:
+    /// `EPOLLEXCLUSIVE`) and asking `front` what to do with them; `front` is built with the
+    /// engine it hands waiting requests back to. Streams are read on `runtime`.
     pub fn start(
         threads: usize,
         runtime: tokio::runtime::Handle,
         shared_on: &[IpAddr],
+        listeners: &[Arc<std::net::UdpSocket>],
+        front: impl FnOnce(Engine) -> Arc<dyn Front>,
     ) -> io::Result<Engine> {
         let active = Arc::new(AtomicUsize::new(0));
         let shared = Arc::new(SharedFiles::default());
         let mut loops = Vec::new();
-        for i in 0..threads.max(1) {
+        let mut mailboxes = Vec::new();
+        for _ in 0..threads.max(1) {
             let poll = Poll::new()?;
             let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
             let ports = shared_on
@@ -138,62 +176,137 @@ impl Engine {
                 .enumerate()
                 .map(|(k, ip)| SharedPort::open(*ip, &poll, Token(SHARED - k)))
                 .collect::<io::Result<Vec<_>>>()?;
+            let listeners = listeners
+                .iter()
+                .enumerate()
+                .map(|(k, sock)| Listener::watch(sock.clone(), &poll, Token(LISTEN - k)))
+                .collect::<io::Result<Vec<_>>>()?;
             let (tx, rx) = mpsc::channel();
             let mailbox = Mailbox {
                 tx,
                 waker,
                 asleep: Arc::new(AtomicBool::new(false)),
             };
+            mailboxes.push(mailbox.clone());
+            loops.push((poll, rx, mailbox, ports, listeners));
+        }
+        let engine = Engine {
+            inner: Arc::new(EngineInner {
+                loops: mailboxes,
+                next: AtomicUsize::new(0),
+                active: active.clone(),
+            }),
+        };
+        let front = front(engine.clone());
+        for (i, (poll, rx, mailbox, ports, listeners)) in loops.into_iter().enumerate() {
             let mut l = Loop {
                 shared: shared.clone(),
                 poll,
                 rx,
                 held: None,
-                mailbox: mailbox.clone(),
+                mailbox,
                 runtime: runtime.clone(),
                 active: active.clone(),
+                front: front.clone(),
+                listeners,
                 ports,
                 table: Vec::new(),
                 free: Vec::new(),
                 timers: BinaryHeap::new(),
                 read_ahead_due: Vec::new(),
                 generation: 0,
+                spare_inbox: None,
             };
             std::thread::Builder::new()
                 .name(format!("tftp-loop-{i}"))
                 .spawn(move || l.run())?;
-            loops.push(mailbox);
         }
-        Ok(Engine {
-            loops,
-            next: AtomicUsize::new(0),
-            active,
-        })
+        Ok(engine)
     }
 
     /// Transfers running or handed over and not yet finished.
     pub fn active(&self) -> usize {
-        self.active.load(Ordering::Acquire)
+        self.inner.active.load(Ordering::Acquire)
     }
 
     /// Hands a transfer to the next loop (round robin).
     pub fn start_transfer(&self, job: Job) {
-        self.active.fetch_add(1, Ordering::AcqRel);
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.loops.len();
-        self.loops[i].send(Cmd::Start(Box::new(job)));
+        self.inner.active.fetch_add(1, Ordering::AcqRel);
+        let loops = &self.inner.loops;
+        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % loops.len();
+        loops[i].send(Cmd::Start(Box::new(job)));
+    }
+
+    /// Stops every loop reading the listeners; returns once none holds a listener's socket
+    /// (or after `wait`).
+    pub fn close_listeners(&self, wait: Duration) {
+        let (tx, rx) = mpsc::channel();
+        for mailbox in &self.inner.loops {
+            mailbox.send(Cmd::CloseListeners(tx.clone()));
+        }
+        let deadline = Instant::now() + wait;
+        for _ in &self.inner.loops {
+            if rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .is_err()
+            {
+                return;
+            }
+        }
     }
 
     /// Stops the loops; transfers still running end where they are (their slots are freed).
     pub fn stop(&self) {
-        for mailbox in &self.loops {
+        for mailbox in &self.inner.loops {
             mailbox.send(Cmd::Stop);
         }
     }
 }
 
-impl Drop for Engine {
-    fn drop(&mut self) {
-        self.stop();
+/// A listener as one loop watches it: shared by every loop, each woken for its own requests.
+struct Listener {
+    sock: Arc<std::net::UdpSocket>,
+    /// What this loop turn answers from the listener (fixed ERRORs).
+    outbox: Outbox,
+}
+
+impl Listener {
+    fn watch(sock: Arc<std::net::UdpSocket>, poll: &Poll, token: Token) -> io::Result<Listener> {
+        // mio has no EPOLLEXCLUSIVE: registered on the loop's epoll directly, level-triggered,
+        // so one loop is woken per datagram rather than all of them (a thundering herd of
+        // system calls that find nothing); mio reads the token back from the event's data.
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
+            u64: token.0 as u64,
+        };
+        // SAFETY: both descriptors are open and owned by live values; `ev` is a valid event.
+        let r = unsafe {
+            libc::epoll_ctl(
+                poll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                sock.as_raw_fd(),
+                &mut ev,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Listener {
+            sock,
+            outbox: Outbox::default(),
+        })
+    }
+
+    fn unwatch(&self, poll: &Poll) {
+        // SAFETY: as in `watch`; a null event is allowed for EPOLL_CTL_DEL.
+        unsafe {
+            libc::epoll_ctl(
+                poll.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                self.sock.as_raw_fd(),
+                std::ptr::null_mut(),
+            );
+        }
     }
 }
 
@@ -271,6 +384,9 @@ struct Loop {
     mailbox: Mailbox,
     runtime: tokio::runtime::Handle,
     active: Arc<AtomicUsize>,
+    /// The request path, asked about every request read from `listeners`.
+    front: Arc<dyn Front>,
+    listeners: Vec<Listener>,
     ports: Vec<SharedPort>,
     table: Vec<Option<Transfer>>,
     free: Vec<usize>,
@@ -278,6 +394,9 @@ struct Loop {
     /// Transfers (index, generation) whose next block is read once the turn's datagrams left.
     read_ahead_due: Vec<(usize, u64)>,
     generation: u64,
+    /// A second batch of receive buffers, for reading a shared port while a listener's batch
+    /// is being handled ([`Loop::port_for`]); made when first needed.
+    spare_inbox: Option<Inbox>,
 }
 
 impl Loop {
@@ -319,6 +438,11 @@ impl Loop {
                 } else if let Some(k) = SHARED.checked_sub(token).filter(|&k| k < self.ports.len())
                 {
                     self.shared_readable(k, &mut inbox);
+                } else if let Some(k) = LISTEN
+                    .checked_sub(token)
+                    .filter(|&k| k < self.listeners.len())
+                {
+                    self.requests(k, &mut inbox);
                 } else {
                     self.readable(token, &mut buf);
                 }
@@ -369,6 +493,12 @@ impl Loop {
                     self.finish(i, Err(TransferError::Displaced))
                 }
                 Cmd::Data(..) | Cmd::Cancel(..) => {}
+                Cmd::CloseListeners(done) => {
+                    for l in self.listeners.drain(..) {
+                        l.unwatch(&self.poll);
+                    }
+                    let _ = done.send(());
+                }
                 Cmd::Stop => return false,
             }
         }
@@ -407,6 +537,7 @@ impl Loop {
                     &self.shared,
                 )
             }
+            Body::Memory(data) => Feed::memory(data, job.mode, blksize),
             Body::Local(file) => {
                 let size = job.size.unwrap_or(u64::MAX);
                 Feed::file(file, size, Box::new(()), job.mode, blksize, &self.shared)
@@ -453,6 +584,15 @@ impl Loop {
     fn port_for(&mut self, i: usize, job: &Job) -> io::Result<Port> {
         let ip = job.local.ip();
         if let Some(k) = self.ports.iter().position(|p| p.ip == ip) {
+            if self.ports[k].peers.contains_key(&job.peer) {
+                // A phone asks for its next file from the same port as soon as it has sent the
+                // last ACK of the previous one: that ACK is most likely waiting on the shared
+                // port, unread. Reading it ends the previous transfer and frees the pair of
+                // TIDs, which saves this one a socket of its own.
+                let mut inbox = self.spare_inbox.take().unwrap_or_default();
+                self.shared_readable(k, &mut inbox);
+                self.spare_inbox = Some(inbox);
+            }
             if let std::collections::hash_map::Entry::Vacant(v) =
                 self.ports[k].peers.entry(job.peer)
             {
@@ -552,6 +692,50 @@ impl Loop {
             self.read_ahead();
             // A short batch: the socket was empty when the call returned (a datagram arriving
             // since raises readiness again).
+            if n < BATCH {
+                return;
+            }
+        }
+    }
+
+    /// Listener `k` is readable: every request waiting is read, a batch per system call, and
+    /// screened, answered or started here; transfers started here run on this loop.
+    fn requests(&mut self, k: usize, inbox: &mut Inbox) {
+        loop {
+            let Some(l) = self.listeners.get(k) else {
+                return;
+            };
+            let n = match inbox.recv(l.sock.as_raw_fd()) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                // ICMP errors surface here on some systems; keep listening.
+                Err(e) => {
+                    debug!("TFTP listener recv error: {e}");
+                    continue;
+                }
+            };
+            let arrived = Instant::now();
+            for j in 0..n {
+                let (data, from) = inbox.get(j);
+                let Some(from) = from else { continue };
+                match self.front.clone().request(k, from, data, arrived) {
+                    Step::Nothing => {}
+                    Step::Reply(e) => self.listeners[k].outbox.push(e, from),
+                    Step::Start(job) => {
+                        self.active.fetch_add(1, Ordering::AcqRel);
+                        self.insert(*job);
+                    }
+                }
+            }
+            let l = &mut self.listeners[k];
+            if l.outbox.len() > 0 {
+                let (dropped, e) = l.outbox.flush(l.sock.as_raw_fd());
+                if let Some(e) = e {
+                    debug!("{dropped} answer(s) not sent from a listener: {e}");
+                }
+            }
+            self.flush();
+            self.read_ahead();
             if n < BATCH {
                 return;
             }

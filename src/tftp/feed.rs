@@ -69,8 +69,7 @@ impl Feed {
     ) -> Feed {
         // A failed read here is retried block by block, where it fails the transfer properly.
         if let Ok(Some(data)) = shared.get(&file, size) {
-            let data = Bytes::from_owner(data);
-            return Feed::new(Raw::Memory { data, offset: 0 }, mode, blksize);
+            return Feed::memory(Bytes::from_owner(data), mode, blksize);
         }
         Feed::new(
             Raw::File {
@@ -82,6 +81,11 @@ impl Feed {
             mode,
             blksize,
         )
+    }
+
+    /// A file already in memory (a small override's shared copy).
+    pub fn memory(data: Bytes, mode: Mode, blksize: u16) -> Feed {
+        Feed::new(Raw::Memory { data, offset: 0 }, mode, blksize)
     }
 
     /// A stream read by a task into a channel; `rx` is that channel's end.

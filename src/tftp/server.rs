@@ -1,9 +1,16 @@
 //! The TFTP server's front door: listens on every configured address, screens each datagram
 //! (opcode, then the source's allow list, then size, and only then parsing), absorbs a resent
 //! request for a transfer already in progress, asks the [`Source`] for content (admission and
-//! its queue happen there), decides the options ([`accept`]), and only then hands the transfer
-//! to the [`Engine`]'s event loops, which answer from a port other than the listener's (a new
-//! TID, RFC 1350 §4: a loop's shared transfer port, or a port of its own).
+//! its queue happen there), decides the options ([`accept`]), and only then starts the
+//! transfer on the [`Engine`]'s event loops, which answer from a port other than the
+//! listener's (a new TID, RFC 1350 §4: a loop's shared transfer port, or a port of its own).
+//!
+//! The listeners are read by the event loops themselves: a request whose content is at hand
+//! (an override, a cache hit, a name known to be missing) and whose client is admitted at
+//! once is answered or started in the loop that read it, without a task, a channel or a
+//! wake-up in between (a boot storm is thousands of these). Only a request that must wait
+//! (for a place in admission's queue, for an upstream) becomes a task on the runtime, which
+//! hands the transfer to a loop when its content is there.
 //!
 //! Everything said to a client before a transfer starts is a short fixed ERROR
 //! ([`ErrorPacket`]); what went wrong, with the client's address, goes to the log.
@@ -11,24 +18,23 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use thiserror::Error;
-use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 
-use super::engine::{Engine, Job};
+use super::engine::{Engine, Front, Job, Step};
 pub use super::packet::Mode;
 use super::packet::{DecodeError, ErrorCode, ErrorPacket, Packet, MAX_REQUEST_LEN, OP_RRQ, OP_WRQ};
 use super::transfer::{accept, Limits, Sender};
 use crate::content::{Found, Origin};
 use crate::name::{FileName, NameError};
-use crate::net::bind_udp;
+use crate::net::bind_udp_std;
 
 /// What a front end learns about a read request before it opens the file.
 #[derive(Debug, Clone)]
@@ -148,6 +154,13 @@ pub trait Source: Send + Sync + 'static {
 
     fn open(&self, req: ReadRequest) -> BoxFuture<'_, Result<Content, OpenError>>;
 
+    /// [`open`](Self::open) when it can answer without waiting (content at hand, client
+    /// admitted at once): asked first, on the event loop that read the request; `None` sends
+    /// the request to `open` on the runtime.
+    fn open_now(&self, _req: &ReadRequest) -> Option<Result<Content, OpenError>> {
+        None
+    }
+
     /// Called once per finished (or failed) transfer.
     fn finished(&self, _report: &TransferReport) {}
 }
@@ -198,6 +211,15 @@ pub struct Server {
     sockets: Vec<Arc<UdpSocket>>,
 }
 
+/// Stops the engine's loops however [`Server::run`] ends (returned or dropped).
+struct StopOnDrop(Engine);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
 /// Receive buffer asked for each listener: a boot storm's thousands of RRQs, or a flood of
 /// junk beside them, arrive faster than one loaded core screens them, and a phone whose RRQ
 /// the kernel drops waits out its own resend timer (curl: seconds). 4 MiB holds about 5,000
@@ -218,8 +240,9 @@ impl Server {
         crate::net::raise_fd_limit();
         let mut sockets = Vec::new();
         for addr in &cfg.listen {
-            let sock = bind_udp(*addr, LISTEN_BUFFER)
+            let sock = bind_udp_std(*addr, LISTEN_BUFFER)
                 .map_err(|e| io::Error::new(e.kind(), format!("TFTP listen {addr}: {e}")))?;
+            sock.set_nonblocking(true)?;
             sockets.push(Arc::new(sock));
         }
         Ok(Server { cfg, sockets })
@@ -239,46 +262,47 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send,
     ) -> io::Result<()> {
         // Each loop shares one transfer port per listener address among its transfers.
-        let addrs: Vec<IpAddr> = self.local_addrs().iter().map(|a| a.ip()).collect();
-        let engine = Engine::start(loop_threads(), tokio::runtime::Handle::current(), &addrs)?;
+        let locals = self.local_addrs();
+        let addrs: Vec<IpAddr> = locals.iter().map(|a| a.ip()).collect();
         let drain = self.cfg.drain;
-        let door = Arc::new(Door {
-            limits: self.cfg.limits(),
-            source,
-            engine,
-            in_progress: Mutex::new(HashSet::new()),
-            opening: AtomicUsize::new(0),
-        });
-        let mut listeners = tokio::task::JoinSet::new();
-        for sock in &self.sockets {
-            let (sock, door) = (sock.clone(), door.clone());
-            listeners.spawn(async move {
-                // Requests longer than MAX_REQUEST_LEN are refused unread: a larger buffer
-                // only tells us that one was longer.
-                let mut buf = vec![0u8; MAX_REQUEST_LEN + 1];
-                // Transfers answer from a new port on the listener's address (a new TID,
-                // RFC 1350 §4).
-                let local = sock
-                    .local_addr()
-                    .map(|a| SocketAddr::new(a.ip(), 0))
-                    .unwrap_or_else(|_| "0.0.0.0:0".parse().unwrap());
-                loop {
-                    match sock.recv_from(&mut buf).await {
-                        Ok((n, peer)) => door.datagram(&sock, local, peer, &buf[..n]).await,
-                        // ICMP errors surface here on some systems; keep listening.
-                        Err(e) => debug!("TFTP listener recv error: {e}"),
-                    }
-                }
-            });
-        }
+        let limits = self.cfg.limits();
+        let runtime = tokio::runtime::Handle::current();
+        let mut door = None;
+        let engine = Engine::start(
+            loop_threads(),
+            runtime.clone(),
+            &addrs,
+            &self.sockets,
+            |engine| {
+                let d = Arc::new(Door {
+                    limits,
+                    source,
+                    engine,
+                    runtime,
+                    // Transfers answer from a new port on the listener's address (a new TID,
+                    // RFC 1350 §4).
+                    locals: locals.iter().map(|a| SocketAddr::new(a.ip(), 0)).collect(),
+                    listeners: RwLock::new(self.sockets.clone()),
+                    in_progress: Mutex::new(HashSet::new()),
+                    opening: AtomicUsize::new(0),
+                });
+                door = Some(d.clone());
+                d
+            },
+        )?;
+        let _stop = StopOnDrop(engine.clone());
+        let door = door.expect("built by Engine::start");
         shutdown.await;
         // Stop answering new requests at once: the ports are free for a restarted server
         // while the transfers in flight finish on their transfer ports.
-        listeners.abort_all();
-        while listeners.join_next().await.is_some() {}
+        let closing = engine.clone();
+        let _ =
+            tokio::task::spawn_blocking(move || closing.close_listeners(Duration::from_secs(2)))
+                .await;
+        door.listeners.write().unwrap().clear();
         drop(self.sockets);
         let deadline = Instant::now() + drain;
-        let busy = || door.engine.active() + door.opening.load(Ordering::Acquire);
+        let busy = || engine.active() + door.opening.load(Ordering::Acquire);
         if busy() > 0 {
             info!(
                 "shutting down: waiting up to {drain:?} for {} TFTP transfer(s)",
@@ -291,7 +315,6 @@ impl Server {
         if busy() > 0 {
             warn!("{} TFTP transfer(s) cut short by shutdown", busy());
         }
-        door.engine.stop();
         Ok(())
     }
 }
@@ -301,6 +324,12 @@ struct Door<S> {
     limits: Limits,
     source: Arc<S>,
     engine: Engine,
+    /// Where requests that must wait run.
+    runtime: tokio::runtime::Handle,
+    /// Listener `k`'s address with port 0: its transfers' ports are new ones on that address.
+    locals: Vec<SocketAddr>,
+    /// The listeners, for answers given after a wait on the runtime (emptied at shutdown).
+    listeners: RwLock<Vec<Arc<UdpSocket>>>,
     /// Requests being served, as (client TID, exact request bytes): a resend of one of these
     /// is absorbed by the transfer already answering it (RFC 1350 leaves duplicates to the
     /// server; answering twice doubles the work in a storm). Bounded by the transfers and
@@ -349,157 +378,171 @@ impl<S: Source> Ticket for Held<S> {
     }
 }
 
-/// Sends a fixed ERROR from the request port; a failure only means the client asks again.
-async fn refuse(sock: &UdpSocket, peer: SocketAddr, e: ErrorPacket) {
-    if let Err(err) = sock.send_to(&e.encode(), peer).await {
+/// Sends a fixed ERROR from the request port; a failure (a full buffer) only means the client
+/// asks again.
+fn refuse(sock: &UdpSocket, peer: SocketAddr, e: ErrorPacket) {
+    if let Err(err) = sock.send_to(&e.encode(), peer) {
         debug!(client = %peer, "send failed: {err}");
     }
 }
 
-impl<S: Source> Door<S> {
-    /// Screens one datagram on a listener, cheapest check first.
-    async fn datagram(
-        self: &Arc<Self>,
-        sock: &Arc<UdpSocket>,
-        local: SocketAddr,
+/// A fixed ERROR for the listener to send.
+fn reply(e: ErrorPacket) -> Step {
+    Step::Reply(e.encode())
+}
+
+impl<S: Source> Front for Door<S> {
+    /// Screens one datagram read from listener `listener`, cheapest check first; starts its
+    /// transfer at once when the source can answer without waiting, else hands it to the
+    /// runtime.
+    fn request(
+        self: Arc<Self>,
+        listener: usize,
         peer: SocketAddr,
         data: &[u8],
-    ) {
-        let arrived = Instant::now();
+        arrived: Instant,
+    ) -> Step {
         if data.len() < 4 {
             // Not even an opcode and a name: nothing to answer.
-            return;
+            return Step::Nothing;
         }
         let op = u16::from_be_bytes([data[0], data[1]]);
         if op != OP_RRQ && op != OP_WRQ {
             // A stray DATA/ACK/ERROR (or garbage) on the request port belongs to no transfer;
             // answering would only reflect traffic at whoever the source claims to be.
             debug!(client = %peer, "ignored opcode {op} on the request port");
-            return;
+            return Step::Nothing;
         }
         if !self.source.allows(peer.ip()) {
             crate::metrics::global().request("tftp", "denied");
             info!(client = %peer, "refused: client outside access.allow");
-            return refuse(sock, peer, OpenError::Denied.reply()).await;
+            return reply(OpenError::Denied.reply());
         }
         if op == OP_WRQ {
             info!(client = %peer, "write request refused: read-only server");
-            return refuse(
-                sock,
-                peer,
-                ErrorPacket::new(ErrorCode::AccessViolation, "read-only server"),
-            )
-            .await;
+            return reply(ErrorPacket::new(
+                ErrorCode::AccessViolation,
+                "read-only server",
+            ));
         }
         if data.len() > MAX_REQUEST_LEN {
             info!(client = %peer, bytes = data.len(), "refused: request longer than 512 bytes");
-            return refuse(
-                sock,
-                peer,
-                ErrorPacket::new(ErrorCode::IllegalOperation, "request too long"),
-            )
-            .await;
+            return reply(ErrorPacket::new(
+                ErrorCode::IllegalOperation,
+                "request too long",
+            ));
         }
         let pkt = match Packet::decode(data) {
             Ok(p) => p,
             Err(e) => {
                 info!(client = %peer, "bad TFTP request: {}", e.to_string().escape_debug());
-                return refuse(sock, peer, e.reply()).await;
+                return reply(e.reply());
             }
         };
         let Packet::Rrq { filename, mode, .. } = &pkt else {
-            return;
+            return Step::Nothing;
         };
         let Some(mode) = Mode::from_wire(mode) else {
             info!(client = %peer, mode = %mode.escape_debug(), "refused: unsupported mode");
-            return refuse(
-                sock,
-                peer,
-                ErrorPacket::new(ErrorCode::IllegalOperation, "unsupported mode"),
-            )
-            .await;
+            return reply(ErrorPacket::new(
+                ErrorCode::IllegalOperation,
+                "unsupported mode",
+            ));
         };
         let name = match FileName::parse(filename) {
             Ok(n) => n,
             Err(e) => {
                 info!(client = %peer, name = %filename.escape_debug(), "refused: {e}");
-                let reply = match e {
+                return reply(match e {
                     NameError::Empty => OpenError::NotFound.reply(),
                     _ => ErrorPacket::new(ErrorCode::AccessViolation, "access violation"),
-                };
-                return refuse(sock, peer, reply).await;
+                });
             }
         };
         let key = (peer, Bytes::copy_from_slice(data));
         if !self.in_progress.lock().unwrap().insert(key.clone()) {
             debug!(client = %peer, name = %name, "resent request absorbed by its transfer");
             crate::metrics::global().request("tftp", "duplicate");
-            return;
+            return Step::Nothing;
         }
         let entry = InProgress {
             door: self.clone(),
             key: Some(key),
         };
-        self.opening.fetch_add(1, Ordering::AcqRel);
-        let (door, sock) = (self.clone(), sock.clone());
-        tokio::spawn(async move {
-            let _opening = Opening(&door.opening);
-            let req = ReadRequest {
-                name,
-                client: peer,
-                mode,
-                arrived,
-            };
-            door.serve(&sock, local, req, pkt, entry).await
-        });
-    }
-
-    /// Opens the content (admission waits here), decides the options and hands the transfer
-    /// to the engine.
-    async fn serve(
-        &self,
-        listener: &UdpSocket,
-        local: SocketAddr,
-        req: ReadRequest,
-        rrq: Packet,
-        entry: InProgress<S>,
-    ) {
-        let started = Instant::now();
-        let (peer, mode, name) = (req.client, req.mode, req.name.clone());
-        let mut report = TransferReport {
+        let req = ReadRequest {
+            name,
             client: peer,
-            name: name.to_string(),
+            mode,
+            arrived,
+        };
+        let local = self.locals[listener];
+        if let Some(opened) = self.source.open_now(&req) {
+            return match self.start(local, &req, arrived, opened, &pkt, entry) {
+                Ok(job) => Step::Start(Box::new(job)),
+                Err(e) => reply(e),
+            };
+        }
+        self.opening.fetch_add(1, Ordering::AcqRel);
+        let door = self.clone();
+        self.runtime.spawn(async move {
+            let _opening = Opening(&door.opening);
+            let opened = door.source.open(req.clone()).await;
+            match door.start(local, &req, arrived, opened, &pkt, entry) {
+                Ok(job) => door.engine.start_transfer(job),
+                Err(e) => {
+                    let sock = door.listeners.read().unwrap().get(listener).cloned();
+                    if let Some(sock) = sock {
+                        refuse(&sock, peer, e);
+                    }
+                }
+            }
+        });
+        Step::Nothing
+    }
+}
+
+impl<S: Source> Door<S> {
+    /// The transfer for an opened request, options decided; or the ERROR that refuses it (a
+    /// refusal by the source is reported to it).
+    fn start(
+        &self,
+        local: SocketAddr,
+        req: &ReadRequest,
+        started: Instant,
+        opened: Result<Content, OpenError>,
+        rrq: &Packet,
+        entry: InProgress<S>,
+    ) -> Result<Job, ErrorPacket> {
+        let mut report = TransferReport {
+            client: req.client,
+            name: req.name.to_string(),
             bytes: 0,
             duration: Duration::ZERO,
             first_data: None,
             origin: None,
             outcome: Ok(()),
         };
-        let content = match self.source.open(req).await {
+        let content = match opened {
             Ok(c) => c,
             Err(e) => {
-                debug!(client = %peer, name = %name, "answered {e}");
-                refuse(listener, peer, e.reply()).await;
+                debug!(client = %req.client, name = %req.name, "answered {e}");
                 report.duration = started.elapsed();
                 report.outcome = Err(TransferError::Refused(e));
                 self.source.finished(&report);
-                return;
+                return Err(e.reply());
             }
         };
         report.origin = Some(content.found.origin.clone());
-        let (params, oack) = match accept(&rrq, &self.limits, content.found.size) {
-            Ok(a) => a,
-            Err(e) => return refuse(listener, peer, e).await,
-        };
+        let (params, oack) = accept(rrq, &self.limits, content.found.size)?;
         let probation = self.limits.probation(&params);
         let sender = Sender::on_probation(params, oack, Some(probation), Instant::now());
-        self.engine.start_transfer(Job {
+        Ok(Job {
             local,
-            peer,
+            peer: req.client,
             sender,
             body: content.found.body,
             size: content.found.size,
-            mode,
+            mode: req.mode,
             ticket: Box::new(Held {
                 ticket: content.ticket,
                 _entry: entry,
@@ -507,6 +550,6 @@ impl<S: Source> Door<S> {
             report,
             started,
             source: self.source.clone(),
-        });
+        })
     }
 }

@@ -199,6 +199,22 @@ impl Fetcher {
             .forget(|asked| FileName::parse(asked).is_ok_and(|n| n.key() == key));
     }
 
+    /// A phone's request when it can be answered without waiting: the cached copy, or "not
+    /// found" when there is no upstream to ask or every upstream said so within the negative
+    /// TTL; `None` when the upstreams must be asked ([`open`](Self::open)).
+    pub fn open_now(&self, name: &FileName) -> Option<Result<Found, MissError>> {
+        match self.open_cached(name) {
+            Ok(Some(hit)) => return Some(Ok(Found::cached(hit))),
+            Ok(None) => {}
+            Err(e) => return Some(Err(e)),
+        }
+        let ttl = *self.negative_ttl.read().unwrap();
+        if self.chain().is_empty() || self.not_found_within(name.as_str(), ttl) {
+            return Some(Err(MissError::NotFound));
+        }
+        None
+    }
+
     /// A phone's request, asked at `asked`: a cached copy if there is one, else the shared
     /// upstream fetch for this name, streamed as it arrives. The answer comes within one
     /// upstream timeout of `asked` ([`UpstreamChain::miss_budget`]) whatever the upstreams do:
