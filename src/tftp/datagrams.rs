@@ -167,8 +167,29 @@ impl Outbox {
     }
 }
 
-/// One `sendmmsg` of the first [`BATCH`] datagrams of `queue`: how many the kernel took.
+/// One `sendmmsg` of the first [`BATCH`] datagrams of `queue` (`sendto` for a single one): how
+/// many the kernel took.
 fn send_batch(fd: RawFd, queue: &[(Bytes, SockAddr)]) -> io::Result<usize> {
+    if let [(datagram, to)] = queue {
+        // One datagram (a lone lock-step transfer's next block): `sendto` copies no header
+        // array in and out of the kernel.
+        // SAFETY: the datagram and the address are alive and of the lengths passed.
+        let r = unsafe {
+            libc::sendto(
+                fd,
+                datagram.as_ptr().cast(),
+                datagram.len(),
+                0,
+                to.as_ptr().cast(),
+                to.len(),
+            )
+        };
+        return if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(1)
+        };
+    }
     let n = queue.len().min(BATCH);
     // Only the first `n` entries are filled and passed (a lone lock-step block fills one).
     let mut iovs = [const { MaybeUninit::<libc::iovec>::uninit() }; BATCH];

@@ -3,8 +3,9 @@
 //!
 //! A small file on disk (a cache hit, an override) is sent from memory shared by every
 //! transfer of the same version ([`SharedFiles`]); a larger one is read with `pread` at the
-//! transfer's offset, one block ahead, by the event loop itself: the bytes come from the page
-//! cache, so a transfer holds no buffer beyond its window and needs no task. A miss streaming through from
+//! transfer's offset, [`READ_AHEAD`] bytes at a time, ahead of the blocks sent, by the event
+//! loop itself: the bytes come from the page cache, so a transfer holds a few KiB and needs no
+//! task, and a lock-step transfer costs one `pread` per 8 KiB rather than one per block. A miss streaming through from
 //! an upstream is read by a task on the runtime into a channel of two chunks; the loop is woken
 //! per chunk. Either way a source that ends early is an error, never a short final block: a
 //! truncated file must never look complete.
@@ -21,6 +22,9 @@ use tokio::sync::mpsc;
 use super::netascii;
 use super::packet::Mode;
 use super::shared::SharedFiles;
+
+/// Bytes read from a file per `pread` (whole blocks, at least one).
+pub const READ_AHEAD: usize = 8 << 10;
 
 /// What the reader task hands the transfer: chunks, then an explicit end (a closed channel
 /// without `End` means the reader died, which must never look like a complete file).
@@ -151,7 +155,8 @@ impl Feed {
             Raw::File {
                 file, offset, size, ..
             } => {
-                let want = (*size - *offset).min(self.blksize as u64) as usize;
+                let chunk = self.blksize * (READ_AHEAD / self.blksize).max(1);
+                let want = (*size - *offset).min(chunk as u64) as usize;
                 if want == 0 {
                     self.ended = true;
                     return Ok(true);
@@ -291,6 +296,31 @@ mod tests {
         assert_eq!(b.len(), size / 512 + 1);
         assert!(b[..b.len() - 1].iter().all(|b| b.len() == 512));
         assert!(b.last().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_large_file_is_read_ahead_in_whole_blocks_of_about_8_kib() {
+        let size = super::super::shared::SHARED_MAX as usize + 512;
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, &vec![7u8; size]).unwrap();
+        for (blksize, per_read) in [(512, 16), (1428, 5), (9000, 1)] {
+            let f = f.try_clone().unwrap();
+            let mut feed = Feed::file(
+                f,
+                size as u64,
+                Box::new(()),
+                Mode::Octet,
+                blksize,
+                &shared(),
+            );
+            assert_eq!(feed.try_next().unwrap().unwrap().len(), blksize as usize);
+            // One read brought `per_read` blocks: the rest wait for the next ACKs, unread.
+            assert_eq!(
+                feed.pending.len(),
+                (per_read - 1) * blksize as usize,
+                "{blksize}"
+            );
+        }
     }
 
     #[test]
