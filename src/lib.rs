@@ -11,14 +11,14 @@
 //! | [`tftp::packet`] | encode/decode of RRQ, WRQ, DATA, ACK, ERROR, OACK and their options |
 //! | [`tftp::netascii`] | streaming netascii translation (RFC 764 line endings) |
 //! | [`tftp::transfer`] | pure sender/receiver state machines (packets and `now` in, packets and deadlines out) and the protocol decisions: `accept` (options within our caps, the curl `tsize 0` quirk), probation of unproven clients, the TID rule |
-//! | [`tftp::server`] | the request port: screening (opcode, allow list, size, then parsing), duplicate absorption, content from a [`tftp::Source`], then the transfer handed to the engine |
-//! | `tftp::engine` | the transfer driver: a few event-loop threads (one per core, at most 4) run every transfer's datagrams and timers; a transfer is a small state, not a thread or a task; each loop's transfers share one port per listener address (RFC 1350 TIDs told apart by the client's address and port), read and written in batches with `recvmmsg`/`sendmmsg` (`tftp::datagrams`); files are read with `pread` (see its module doc for why not tokio tasks) |
+//! | [`tftp::server`] | the request path: screening (opcode, allow list, size, then parsing), duplicate absorption, content from a [`tftp::Source`] (at once when it is at hand, else in a task that waits for admission's queue or an upstream), then the transfer started on the engine |
+//! | `tftp::engine` | the driver: a few event-loop threads (one per core, at most 4) read the listeners (one loop woken per request) and run every transfer's datagrams and timers; a transfer is a small state, not a thread or a task; each loop's transfers share one port per listener address (RFC 1350 TIDs told apart by the client's address and port), read and written in batches with `recvmmsg`/`sendmmsg` (`tftp::datagrams`); files are read with `pread`, 8 KiB ahead (see its module doc for why not tokio tasks) |
 //! | [`tftp::client`] | tokio driver for downloads, yielding bytes as they arrive |
 //! | [`net`] | binding UDP and TCP sockets (v6-only IPv6, buffer sizes) for every listener |
 //! | [`name`] | phone file names: normalization, case folding, rejection of escapes |
 //! | [`content`] | what a request is answered with ([`content::Found`]: size, body, origin), one type from the miss path through the resolver to the TFTP engine and the HTTP handler |
 //! | [`front`] | request → overrides/cache/miss; [`front::gate`] is admission (allow list, per-client and global limits, the queue, cheap slots for unproven TFTP clients); [`front::http`] is the phones' HTTP on 6970 ([`front::hot`]: its small cached files kept in memory); [`front::conn`] the HTTP connection server (limits, timeouts, `TCP_NODELAY`) |
-//! | [`overrides`] | the local overrides directory that wins over upstream copies, indexed and kept current by notify |
+//! | [`overrides`] | the local overrides directory that wins over upstream copies, indexed and kept current by notify; small files served from a copy in memory until the folder changes |
 //! | [`cache`] | the local store: sled index + plain files, atomic publish, recovery, quota, verify, import |
 //! | [`upstream`] | the ordered upstream chain (HTTP, TFTP), each upstream's health (circuit breaker, background probe), name resolution per request, the one "not found" memory; [`upstream::flight`] is the one way bytes come from upstream: a single flight per name for a phone's miss and the sync worker alike |
 //! | [`admin`] | `/healthz`, `/status`, `/metrics`, `/phones`, `POST /sync`, the running cache, the token rule; the `status` command |

@@ -39,7 +39,7 @@ const UNWATCHED_REFRESH: Duration = Duration::from_secs(1);
 pub const COPY_MAX: u64 = 64 << 10;
 /// Bytes of copies held at most; each copy counts at least [`COPY_OVERHEAD`].
 pub const COPY_BUDGET: usize = 8 << 20;
-const COPY_OVERHEAD: usize = 256;
+pub const COPY_OVERHEAD: usize = 256;
 
 /// An override opened for serving.
 pub enum Override {

@@ -1,5 +1,5 @@
-//! The transfer engine: a few event-loop threads (one per core, at most four) drive every
-//! transfer's datagrams and timers. A transfer is a small state (its port, its
+//! The transfer engine: a few event-loop threads (one per core, at most four) read the
+//! listeners and drive every transfer's datagrams and timers. A transfer is a small state (its port, its
 //! [`Sender`](super::transfer::Sender), its [`Feed`]) in one loop's table, not a thread or a
 //! task, so a boot storm of thousands of transfers costs memory per transfer, not threads.
 //!
@@ -9,6 +9,13 @@
 //! without a scheduler or a channel in between: the same single wake-up that made the earlier
 //! thread-per-transfer driver beat tftpd-hpa (benches/tftp_engine.sh), without its thread per
 //! transfer (issue 12).
+//!
+//! Requests: every loop watches every listener with `EPOLLEXCLUSIVE` (the kernel wakes one
+//! loop per request, not all), reads what is waiting with `recvmmsg`, and asks the request
+//! path ([`Front`], the server's door) about each: a fixed ERROR to send from the listener, a
+//! transfer to start on this loop, or nothing (the door handed the request to the runtime to
+//! wait for admission's queue or an upstream; it comes back through
+//! [`Engine::start_transfer`]).
 //!
 //! Ports (RFC 1350 §4 TIDs): each loop has one shared transfer port per listener address, its
 //! own ephemeral port (never 69), and a transfer's datagrams are told apart there by the
