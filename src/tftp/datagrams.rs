@@ -14,6 +14,8 @@ use std::os::fd::RawFd;
 use bytes::Bytes;
 use socket2::SockAddr;
 
+use super::transfer::Datagram;
+
 /// Datagrams read or sent per system call at most.
 pub const BATCH: usize = 64;
 
@@ -130,11 +132,16 @@ fn socket_addr(addr: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<So
 /// Datagrams one loop turn produced for one shared port, sent together at the turn's end.
 #[derive(Default)]
 pub struct Outbox {
-    queue: Vec<(Bytes, SockAddr)>,
+    queue: Vec<(Datagram, SockAddr)>,
 }
 
 impl Outbox {
     pub fn push(&mut self, datagram: Bytes, to: SocketAddr) {
+        self.push_datagram(Datagram::whole(datagram), to);
+    }
+
+    /// Queues a datagram in parts (a DATA block's header and its payload, not copied).
+    pub fn push_datagram(&mut self, datagram: Datagram, to: SocketAddr) {
         self.queue.push((datagram, SockAddr::from(to)));
     }
 
@@ -167,49 +174,67 @@ impl Outbox {
     }
 }
 
-/// One `sendmmsg` of the first [`BATCH`] datagrams of `queue` (`sendto` for a single one): how
-/// many the kernel took.
-fn send_batch(fd: RawFd, queue: &[(Bytes, SockAddr)]) -> io::Result<usize> {
+/// The iovecs of `datagram`: its header (when it has one), then its body.
+fn iovecs(datagram: &Datagram, iov: &mut [MaybeUninit<libc::iovec>; 2]) -> usize {
+    let mut n = 0;
+    let head = datagram.head();
+    if !head.is_empty() {
+        iov[0].write(libc::iovec {
+            iov_base: head.as_ptr() as *mut libc::c_void,
+            iov_len: head.len(),
+        });
+        n = 1;
+    }
+    let body = datagram.body();
+    iov[n].write(libc::iovec {
+        iov_base: body.as_ptr() as *mut libc::c_void,
+        iov_len: body.len(),
+    });
+    n + 1
+}
+
+/// A message header sending `iov[..n]` to `to`.
+fn message(to: &SockAddr, iov: &mut [MaybeUninit<libc::iovec>; 2], n: usize) -> libc::msghdr {
+    // SAFETY: msghdr is plain old data; all zeroes is valid, the fields are set below.
+    let mut hdr: libc::msghdr = unsafe { zeroed() };
+    hdr.msg_name = to.as_ptr() as *mut libc::c_void;
+    hdr.msg_namelen = to.len();
+    hdr.msg_iov = iov.as_mut_ptr().cast();
+    hdr.msg_iovlen = n as _;
+    hdr
+}
+
+/// Sends one datagram with `sendmsg` (a lone lock-step transfer's next block, or a transfer on
+/// a port of its own).
+pub fn send_one(fd: RawFd, datagram: &Datagram, to: &SockAddr) -> io::Result<()> {
+    let mut iov = [const { MaybeUninit::<libc::iovec>::uninit() }; 2];
+    let n = iovecs(datagram, &mut iov);
+    let hdr = message(to, &mut iov, n);
+    // SAFETY: the header points at live iovecs, which point into `datagram`, and at `to`.
+    if unsafe { libc::sendmsg(fd, &hdr, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// One `sendmmsg` of the first [`BATCH`] datagrams of `queue` (`sendmsg` for a single one):
+/// how many the kernel took.
+fn send_batch(fd: RawFd, queue: &[(Datagram, SockAddr)]) -> io::Result<usize> {
     if let [(datagram, to)] = queue {
-        // One datagram (a lone lock-step transfer's next block): `sendto` copies no header
-        // array in and out of the kernel.
-        // SAFETY: the datagram and the address are alive and of the lengths passed.
-        let r = unsafe {
-            libc::sendto(
-                fd,
-                datagram.as_ptr().cast(),
-                datagram.len(),
-                0,
-                to.as_ptr().cast(),
-                to.len(),
-            )
-        };
-        return if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(1)
-        };
+        return send_one(fd, datagram, to).map(|()| 1);
     }
     let n = queue.len().min(BATCH);
-    // Only the first `n` entries are filled and passed (a lone lock-step block fills one).
-    let mut iovs = [const { MaybeUninit::<libc::iovec>::uninit() }; BATCH];
+    let mut iovs = [const { [const { MaybeUninit::<libc::iovec>::uninit() }; 2] }; BATCH];
     let mut hdrs = [const { MaybeUninit::<libc::mmsghdr>::uninit() }; BATCH];
     for (j, (datagram, to)) in queue[..n].iter().enumerate() {
-        let iov = iovs[j].write(libc::iovec {
-            // The kernel only reads through this pointer (sendmmsg never writes the payload).
-            iov_base: datagram.as_ptr() as *mut libc::c_void,
-            iov_len: datagram.len(),
+        let parts = iovecs(datagram, &mut iovs[j]);
+        hdrs[j].write(libc::mmsghdr {
+            msg_hdr: message(to, &mut iovs[j], parts),
+            msg_len: 0,
         });
-        // SAFETY: mmsghdr is plain old data; all zeroes is a valid empty value.
-        let mut hdr: libc::mmsghdr = unsafe { zeroed() };
-        hdr.msg_hdr.msg_name = to.as_ptr() as *mut libc::c_void;
-        hdr.msg_hdr.msg_namelen = to.len();
-        hdr.msg_hdr.msg_iov = iov;
-        hdr.msg_hdr.msg_iovlen = 1;
-        hdrs[j].write(hdr);
     }
-    // SAFETY: the first `n` headers are initialised and point at payloads and addresses
-    // borrowed from `queue` and at `iovs`, all alive for the call; the kernel reads only those.
+    // SAFETY: the first `n` headers are initialised above and point at iovecs and addresses
+    // that live until the call returns.
     let r = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr().cast(), n as libc::c_uint, 0) };
     if r < 0 {
         return Err(io::Error::last_os_error());
@@ -258,6 +283,36 @@ mod tests {
         }
         let empty = inbox.recv(server.as_raw_fd()).unwrap_err();
         assert_eq!(empty.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn data_blocks_leave_as_header_and_payload_in_one_datagram_alone_or_batched() {
+        let server = socket("127.0.0.1:0");
+        let peer = socket("127.0.0.1:0");
+        let to = peer.local_addr().unwrap();
+        let payload = Bytes::from_static(b"block bytes");
+        for count in [0, 3] {
+            let mut out = Outbox::default();
+            for k in 0..count {
+                out.push_datagram(Datagram::data(300 + k, payload.slice(k as usize..)), to);
+            }
+            out.push_datagram(Datagram::data(9, Bytes::new()), to);
+            assert_eq!(out.flush(server.as_raw_fd()).0, 0);
+            let mut buf = [0u8; 64];
+            for k in 0..count {
+                let (n, _) = peer.recv_from(&mut buf).unwrap();
+                let [hi, lo] = (300 + k).to_be_bytes();
+                let mut want = vec![0, 3, hi, lo];
+                want.extend_from_slice(&payload[k as usize..]);
+                assert_eq!(&buf[..n], &want[..], "{count} queued, block {k}");
+            }
+            let (n, _) = peer.recv_from(&mut buf).unwrap();
+            assert_eq!(
+                &buf[..n],
+                &[0, 3, 0, 9],
+                "an empty final block is its header"
+            );
+        }
     }
 
     #[test]

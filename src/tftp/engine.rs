@@ -53,12 +53,12 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::debug;
 
-use super::datagrams::{Inbox, Outbox, BATCH};
+use super::datagrams::{send_one, Inbox, Outbox, BATCH};
 use super::feed::{read_ahead, Feed};
 use super::packet::{ErrorCode, ErrorPacket, Mode, Packet};
 use super::server::{Source, Ticket, TransferError, TransferReport};
 use super::shared::SharedFiles;
-use super::transfer::{foreign_tid, unknown_tid, Sender, Status};
+use super::transfer::{foreign_tid, unknown_tid, Datagram, Sender, Status};
 use crate::content::Body;
 use crate::net::{bind_udp_std, descriptors_exhausted, out_of_descriptors};
 
@@ -319,11 +319,11 @@ impl Listener {
 
 /// Sends `datagram` to `peer` through `port`: at once from an own socket, at the end of the
 /// turn from a shared port. A full send buffer drops it; the retransmission timer recovers it.
-fn transmit(ports: &mut [SharedPort], port: &Port, peer: SocketAddr, datagram: Bytes) {
+fn transmit(ports: &mut [SharedPort], port: &Port, peer: SocketAddr, datagram: Datagram) {
     match port {
-        Port::Shared(k) => ports[*k].outbox.push(datagram, peer),
+        Port::Shared(k) => ports[*k].outbox.push_datagram(datagram, peer),
         Port::Own(sock) => {
-            if let Err(e) = sock.send_to(&datagram, peer) {
+            if let Err(e) = send_one(sock.as_raw_fd(), &datagram, &peer.into()) {
                 debug!(client = %peer, "send failed: {e}");
             }
         }
@@ -767,7 +767,7 @@ impl Loop {
     /// Sends one datagram to transfer `i`'s client (see [`transmit`]).
     fn send(&mut self, i: usize, datagram: Bytes) {
         if let Some(Some(t)) = self.table.get(i) {
-            transmit(&mut self.ports, &t.port, t.peer, datagram);
+            transmit(&mut self.ports, &t.port, t.peer, Datagram::whole(datagram));
         }
     }
 
@@ -802,8 +802,8 @@ impl Loop {
                 Err(e) => return self.source_failed(i, e),
             }
         }
-        while let Some(d) = t.sender.poll_transmit() {
-            if t.first_data.is_none() && d.starts_with(&[0, 3]) {
+        while let Some(d) = t.sender.poll_datagram() {
+            if t.first_data.is_none() && d.is_data() {
                 t.first_data = Some(now);
             }
             transmit(&mut self.ports, &t.port, t.peer, d);

@@ -198,6 +198,61 @@ fn wire(n: u64) -> u16 {
     n as u16
 }
 
+/// A datagram the [`Sender`] wants sent: a DATA block as its 4-byte header and its payload
+/// (a slice of the file's bytes, sent with a second iovec rather than copied behind the
+/// header), or any other packet whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Datagram {
+    head: [u8; 4],
+    /// 4 for DATA, 0 for a whole packet in `body`.
+    head_len: usize,
+    body: Bytes,
+}
+
+impl Datagram {
+    pub fn whole(packet: Bytes) -> Datagram {
+        Datagram {
+            head: [0; 4],
+            head_len: 0,
+            body: packet,
+        }
+    }
+
+    pub fn data(block: u16, payload: Bytes) -> Datagram {
+        let [hi, lo] = block.to_be_bytes();
+        Datagram {
+            head: [0, packet::OP_DATA as u8, hi, lo],
+            head_len: 4,
+            body: payload,
+        }
+    }
+
+    /// The header part (empty for a whole packet).
+    pub fn head(&self) -> &[u8] {
+        &self.head[..self.head_len]
+    }
+
+    /// The rest of the datagram, after [`head`](Self::head).
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    pub fn is_data(&self) -> bool {
+        self.head_len == 4
+    }
+
+    /// The datagram in one buffer.
+    pub fn to_bytes(&self) -> Bytes {
+        if self.head_len == 0 {
+            return self.body.clone();
+        }
+        let mut out = BytesMut::with_capacity(self.head_len + self.body.len());
+        out.extend_from_slice(self.head());
+        out.extend_from_slice(&self.body);
+        out.freeze()
+    }
+}
+
 /// Sends one file: OACK (when options were accepted), then DATA blocks in windows.
 #[derive(Debug)]
 pub struct Sender {
@@ -212,7 +267,7 @@ pub struct Sender {
     last_block: Option<u64>,
     tries: u32,
     deadline: Option<Instant>,
-    outgoing: VecDeque<Bytes>,
+    outgoing: VecDeque<Datagram>,
     bytes_acked: u64,
     /// Limits until the client's first acknowledgment, if any.
     probation: Option<Probation>,
@@ -249,7 +304,7 @@ impl Sender {
             proven: false,
         };
         if let Some(o) = &s.oack {
-            s.outgoing.push_back(o.clone());
+            s.outgoing.push_back(Datagram::whole(o.clone()));
             s.deadline = Some(now + s.timeout());
         }
         s
@@ -314,8 +369,13 @@ impl Sender {
         self.pump(now);
     }
 
-    /// The next datagram to send, if any.
+    /// The next datagram to send, if any, in one buffer.
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        self.poll_datagram().map(|d| d.to_bytes())
+    }
+
+    /// The next datagram to send, if any, a DATA block's payload not copied.
+    pub fn poll_datagram(&mut self) -> Option<Datagram> {
         self.outgoing.pop_front()
     }
 
@@ -336,7 +396,7 @@ impl Sender {
             return;
         }
         if let Some(o) = &self.oack {
-            self.outgoing.push_back(o.clone());
+            self.outgoing.push_back(Datagram::whole(o.clone()));
         } else {
             // Resend the whole outstanding window from the last acknowledged block + 1.
             self.next_send = self.acked + 1;
@@ -363,8 +423,9 @@ impl Sender {
             // Anything else on a read transfer is a protocol violation (RFC 1350 §5).
             other => {
                 let msg = format!("unexpected {} during a read transfer", kind(other));
-                self.outgoing
-                    .push_back(Packet::error(ErrorCode::IllegalOperation, msg.clone()).encode());
+                self.outgoing.push_back(Datagram::whole(
+                    Packet::error(ErrorCode::IllegalOperation, msg.clone()).encode(),
+                ));
                 self.status = Status::Protocol(msg);
                 self.deadline = None;
             }
@@ -430,10 +491,9 @@ impl Sender {
         let mut sent = false;
         while self.next_send <= window_end && self.next_send <= buffered_end {
             let idx = (self.next_send - self.acked - 1) as usize;
-            let data = &self.buffer[idx];
-            let mut out = BytesMut::with_capacity(4 + data.len());
-            packet::encode_data(&mut out, wire(self.next_send), data);
-            self.outgoing.push_back(out.freeze());
+            let data = self.buffer[idx].clone();
+            self.outgoing
+                .push_back(Datagram::data(wire(self.next_send), data));
             self.next_send += 1;
             sent = true;
         }
