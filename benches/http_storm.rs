@@ -149,11 +149,7 @@ fn run(
 
 fn main() {
     let nofile = phones::raise_nofile_limit();
-    let ns: Vec<usize> = std::env::var("STORM_PHONES")
-        .unwrap_or_else(|_| "500,1000,2000,5000".into())
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
+    let ns = phones::files::storm_sizes();
     let max = *ns.iter().max().unwrap_or(&500);
     let root = tempfile::tempdir().unwrap();
     phones::write_files(root.path(), max);

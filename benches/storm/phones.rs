@@ -39,6 +39,15 @@ pub fn content(name: &str, size: usize) -> Vec<u8> {
         .collect()
 }
 
+/// The storm sizes to run: `STORM_PHONES` (comma-separated), else 500, 1,000, 2,000 and 5,000.
+pub fn storm_sizes() -> Vec<usize> {
+    std::env::var("STORM_PHONES")
+        .unwrap_or_else(|_| "500,1000,2000,5000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
 /// Writes the shared files and one config per phone under `root`.
 pub fn write_files(root: &Path, phones: usize) {
     std::fs::create_dir_all(root.join("English_United_States")).unwrap();
