@@ -42,6 +42,14 @@ pub fn bind_udp_std(addr: SocketAddr, buffer: usize) -> io::Result<std::net::Udp
     Ok(sock.into())
 }
 
+/// The receive buffer the kernel granted `sock`, when it is less than the `asked` bytes (the
+/// kernel caps a request at `net.core.rmem_max`); `None` when it got what it asked. Linux
+/// reports twice what it grants, the rest being its own bookkeeping.
+pub fn recv_buffer_shortfall(sock: &std::net::UdpSocket, asked: usize) -> Option<usize> {
+    let granted = socket2::SockRef::from(sock).recv_buffer_size().ok()? / 2;
+    (granted < asked).then_some(granted)
+}
+
 /// Raises the soft limit on open descriptors to the hard limit (the unit's `LimitNOFILE`):
 /// every transfer holds a socket and usually a file, so the default soft limit of 1024 would
 /// refuse a storm long before `access.max_transfers`.
@@ -102,4 +110,25 @@ pub fn bind_tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
     // this at net.core.somaxconn.
     sock.listen(4096)?;
     tokio::net::TcpListener::from_std(sock.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_receive_buffer_asked_beyond_rmem_max_is_reported_short_and_one_within_it_is_not() {
+        let max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let asked = max + (1 << 20);
+        let sock = bind_udp_std(local, asked).unwrap();
+        assert_eq!(recv_buffer_shortfall(&sock, asked), Some(max));
+        let asked = (64 << 10).min(max);
+        let sock = bind_udp_std(local, asked).unwrap();
+        assert_eq!(recv_buffer_shortfall(&sock, asked), None);
+    }
 }

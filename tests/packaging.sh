@@ -3,6 +3,8 @@
 #   systemd hardening score of deploy/branchtftp.service (exposure <= 1.5),
 #   build the .deb (packaging/build-deb.sh), lintian without errors,
 #   dpkg -i: files, conffile, user, cache owner, man page; check-config on the packaged config,
+#   the sysctl.d file raising net.core.rmem_max for the listeners (applied by postinst, and
+#   the server's warning when the cap is low),
 #   the installed binary served as the branchtftp user on unprivileged ports: a file put in the
 #   overrides directory downloaded with tftp-hpa,
 #   upgrade to a newer version keeps an edited conffile and the cache,
@@ -48,8 +50,13 @@ finish() {
     [ "$FAILED" -eq 0 ]
     exit $?
 }
+# The kernel's receive buffer cap as found; the test lowers it to Debian's default to see the
+# package raise it, and puts it back at the end.
+RMEM_MAX0=$(cat /proc/sys/net/core/rmem_max)
+STOCK_RMEM_MAX=212992
 cleanup() {
     if [ -n "$SERVE_PID" ]; then kill "$SERVE_PID" 2>/dev/null; wait "$SERVE_PID" 2>/dev/null; fi
+    sysctl -qw net.core.rmem_max="$RMEM_MAX0" 2>/dev/null
     if dpkg-query -W -f='${Status}' branchtftp 2>/dev/null | grep -q installed; then
         dpkg --purge branchtftp >/dev/null 2>&1
     fi
@@ -117,8 +124,20 @@ fi
 grep '^W:' "$WORK/lintian.txt" | sed 's/^/       /'
 
 # --- install ---
+# Install on a kernel with Debian's default cap, if this machine lets us set it (a container may
+# not): the package must raise it.
+RMEM_SETTABLE=
+if sysctl -qw net.core.rmem_max=$STOCK_RMEM_MAX 2>/dev/null; then RMEM_SETTABLE=1; fi
 dpkg -i "$deb" >"$WORK/install.log" 2>&1 || { cat "$WORK/install.log"; fatal "dpkg -i $deb"; }
 ok "dpkg -i $deb ($version)"
+check "/usr/lib/sysctl.d/60-branchtftp.conf installed, raising net.core.rmem_max to 4 MiB" \
+    grep -qx 'net.core.rmem_max = 4194304' /usr/lib/sysctl.d/60-branchtftp.conf
+if [ -n "$RMEM_SETTABLE" ]; then
+    check "postinst applied it: net.core.rmem_max $STOCK_RMEM_MAX -> 4194304" \
+        sh -c '[ "$(cat /proc/sys/net/core/rmem_max)" -ge 4194304 ]'
+else
+    skip "postinst applies the sysctl: net.core.rmem_max cannot be set on this machine"
+fi
 check "/usr/bin/branchtftp is installed and runs" /usr/bin/branchtftp --version
 check "/etc/branchtftp/branchtftp.yaml is a conffile" \
     sh -c "dpkg-query -W -f='\${Conffiles}' branchtftp | grep -q '/etc/branchtftp/branchtftp.yaml '"
@@ -172,6 +191,8 @@ if /usr/bin/branchtftp serve --help >/dev/null 2>&1; then
         bad "tftp-hpa download of SEP001122AABBCC.cnf.xml from the installed binary"
         sed 's/^/       /' "$WORK/serve.log" | tail -20
     fi
+    check "no receive-buffer warning with the package's sysctl applied" \
+        sh -c "! grep -q 'net.core.rmem_max caps it' '$WORK/serve.log'"
     check "the server runs as the branchtftp user" \
         sh -c "[ \"\$(ps -o user= -p $SERVE_PID)\" = branchtftp ]"
     rm -f "$WORK/got2"
@@ -189,6 +210,16 @@ if /usr/bin/branchtftp serve --help >/dev/null 2>&1; then
         if [ "$rc" -eq 0 ]; then ok "serve exits 0 on SIGTERM"; else bad "serve exited $rc on SIGTERM"; fi
     fi
     SERVE_PID=
+    if [ -n "$RMEM_SETTABLE" ]; then
+        # Without the sysctl (Debian's default cap) the server says so when it starts.
+        sysctl -qw net.core.rmem_max=$STOCK_RMEM_MAX
+        BRANCHTFTP_CONFIG=$cfg timeout -s TERM 3 setpriv --reuid=branchtftp --regid=branchtftp \
+            --init-groups /usr/bin/branchtftp serve >"$WORK/serve-lowcap.log" 2>&1
+        check "with net.core.rmem_max at $STOCK_RMEM_MAX the server warns that it caps the listener" \
+            grep -q 'TFTP listen 127.0.0.1:16969: receive buffer 208 KiB, not the 4096 KiB asked (net.core.rmem_max caps it)' \
+            "$WORK/serve-lowcap.log"
+        sysctl -qw net.core.rmem_max=4194304
+    fi
 else
     skip "serve as the branchtftp user and download with tftp: 'branchtftp serve' not in this build"
 fi
@@ -213,6 +244,7 @@ check "check-config passes on the edited conffile" /usr/bin/branchtftp check-con
 # --- remove keeps config, cache and user; purge removes them ---
 check "dpkg -r branchtftp" dpkg -r branchtftp
 check "after remove: binary gone" test ! -e /usr/bin/branchtftp
+check "after remove: sysctl.d file gone" test ! -e /usr/lib/sysctl.d/60-branchtftp.conf
 check "after remove: conffile, cache and user kept" \
     sh -c 'test -f /etc/branchtftp/branchtftp.yaml && test -f /var/lib/branchtftp/upgrade-marker && getent passwd branchtftp >/dev/null'
 check "dpkg --purge branchtftp" dpkg --purge branchtftp

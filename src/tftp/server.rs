@@ -34,7 +34,7 @@ use super::packet::{DecodeError, ErrorCode, ErrorPacket, Packet, MAX_REQUEST_LEN
 use super::transfer::{accept, Limits, Sender};
 use crate::content::{Found, Origin};
 use crate::name::{FileName, NameError};
-use crate::net::bind_udp_std;
+use crate::net::{bind_udp_std, recv_buffer_shortfall};
 
 /// What a front end learns about a read request before it opens the file.
 #[derive(Debug, Clone)]
@@ -242,6 +242,16 @@ impl Server {
         for addr in &cfg.listen {
             let sock = bind_udp_std(*addr, LISTEN_BUFFER)
                 .map_err(|e| io::Error::new(e.kind(), format!("TFTP listen {addr}: {e}")))?;
+            if let Some(granted) = recv_buffer_shortfall(&sock, LISTEN_BUFFER) {
+                warn!(
+                    "TFTP listen {addr}: receive buffer {} KiB, not the {} KiB asked \
+                     (net.core.rmem_max caps it): in a boot storm, requests beyond it are \
+                     dropped and each of those phones waits to resend; the package's \
+                     /usr/lib/sysctl.d/60-branchtftp.conf raises the cap",
+                    granted >> 10,
+                    LISTEN_BUFFER >> 10
+                );
+            }
             sock.set_nonblocking(true)?;
             sockets.push(Arc::new(sock));
         }
