@@ -53,6 +53,12 @@ pub enum MissError {
     Failed(String),
 }
 
+/// How much sooner than one upstream timeout after the request a phone's miss gives up
+/// waiting, so that its answer (the timer's tick, a task's wake-up, the ERROR datagram or 502)
+/// reaches the phone within that timeout as the phone counts it, not a millisecond or two
+/// past it.
+pub const ANSWER_SLACK: Duration = Duration::from_millis(20);
+
 /// What a whole-file fetch ([`Fetcher::fetch`]) ended with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fetched {
@@ -243,7 +249,10 @@ impl Fetcher {
                 Boarded::Flight(f) => f,
             };
             let answer = match budget {
-                Some(b) => tokio::time::timeout_at((asked + b).into(), answer_of(&flight)).await,
+                Some(b) => {
+                    let due = asked + b.saturating_sub(ANSWER_SLACK);
+                    tokio::time::timeout_at(due.into(), answer_of(&flight)).await
+                }
                 None => Ok(answer_of(&flight).await),
             };
             let (answer, rx) = match answer {
