@@ -616,6 +616,8 @@ impl Cache {
         tokio::pin!(stop);
         let mut tick = tokio::time::interval(USAGE_WRITE_BACK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A full disk fails this every tick: one journal line, then one per 10 minutes.
+        let mut repeats = crate::logging::Repeats::new(std::time::Duration::from_secs(600));
         loop {
             tokio::select! {
                 _ = &mut stop => return,
@@ -626,8 +628,19 @@ impl Cache {
                 true => inner.flush_index(),
                 false => Ok(()),
             };
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(written).await {
-                warn!("cache: could not write usage counters back: {e}");
+            match tokio::task::spawn_blocking(written).await {
+                Ok(Err(e)) => {
+                    let e = format!("cache: could not write usage counters back: {e}");
+                    if let Some(line) = repeats.failed(e, std::time::Instant::now()) {
+                        warn!("{line}");
+                    }
+                }
+                Ok(Ok(())) => {
+                    if let Some(line) = repeats.succeeded() {
+                        info!("{line}");
+                    }
+                }
+                Err(_) => {}
             }
         }
     }
