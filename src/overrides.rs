@@ -114,8 +114,9 @@ impl Overrides {
     fn refresh(&self) {
         let ix = &self.index;
         let old = ix.watcher.is_none() && ix.built.lock().unwrap().elapsed() > UNWATCHED_REFRESH;
-        // Clear the mark before scanning: a change during the scan marks it again.
-        if ix.stale.swap(false, Ordering::AcqRel) || old {
+        // Clear the mark before scanning: a change during the scan marks it again. Read it
+        // first: a write on every request would bounce its cache line between the cores.
+        if (ix.stale.load(Ordering::Acquire) && ix.stale.swap(false, Ordering::AcqRel)) || old {
             {
                 let mut copies = ix.copies.lock().unwrap();
                 copies.generation += 1;

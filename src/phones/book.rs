@@ -280,6 +280,43 @@ impl PhoneBook {
 
     /// Applies one observation. Requests from an address no phone has announced are not kept.
     pub fn observe(&mut self, obs: &Observation, lib: &dyn Library) {
+        self.observe_all(std::slice::from_ref(obs), lib);
+    }
+
+    /// Applies a batch of observations, then reads the config of each phone that fetched one
+    /// (its load): once per phone and batch, however often the phone fetched it in the batch.
+    pub fn observe_all(&mut self, batch: &[Observation], lib: &dyn Library) {
+        let mut unread = HashSet::new();
+        for obs in batch {
+            if let Some(mac) = self.note(obs, lib) {
+                unread.insert(mac);
+            }
+        }
+        for mac in unread {
+            self.read_config(&mac, lib);
+        }
+    }
+
+    /// Reads what `mac`'s config names as its load, once per config fetched; a config
+    /// published just after its transfer ended (a miss) is read on a later request.
+    fn read_config(&mut self, mac: &str, lib: &dyn Library) {
+        let Some(phone) = self.phones.get_mut(mac) else {
+            return;
+        };
+        if phone.config_read {
+            return;
+        }
+        if let Some(data) = phone.config.as_deref().and_then(|c| lib.read(c)) {
+            phone.config_read = true;
+            if let Some(load) = config_refs(&data).loads.into_iter().next() {
+                phone.load = Some(load);
+            }
+        }
+    }
+
+    /// [`observe`](Self::observe) but for the config read: the phone it concerns, if its
+    /// config is still to be read.
+    fn note(&mut self, obs: &Observation, lib: &dyn Library) -> Option<String> {
         let mac = match device_of(&obs.name) {
             Some(dev) => {
                 let mac = dev[3..].to_string();
@@ -288,14 +325,12 @@ impl PhoneBook {
             }
             None => match self.by_addr.get(&obs.client) {
                 Some(mac) => mac.clone(),
-                None => return,
+                None => return None,
             },
         };
         let kind = kind_of(&obs.name, lib);
         let gap = self.quiet_gap_ms;
-        let Some(phone) = self.phones.get_mut(&mac) else {
-            return;
-        };
+        let phone = self.phones.get_mut(&mac)?;
         phone.last_seen = phone.last_seen.max(obs.at);
         if !phone.protocols.iter().any(|p| p == obs.protocol) {
             phone.protocols.push(obs.protocol.to_string());
@@ -309,7 +344,9 @@ impl PhoneBook {
             phone.boot = Some(Boot::new(obs.at));
         }
         record(phone, obs, kind, gap, lib, &mut self.load_images);
+        let unread = (!phone.config_read).then(|| mac.clone());
         self.dirty.insert(mac);
+        unread
     }
 
     /// Makes sure `mac` is in the book at the observation's address.
@@ -594,16 +631,6 @@ fn record(
             phone.last_error = Some(truncate(format!("{}: {why}", obs.name)));
         }
     }
-    // Once per config fetched; a config published just after its transfer ended (a miss) is
-    // read on a later request.
-    if !phone.config_read {
-        if let Some(data) = phone.config.as_deref().and_then(|c| lib.read(c)) {
-            phone.config_read = true;
-            if let Some(load) = config_refs(&data).loads.into_iter().next() {
-                phone.load = Some(load);
-            }
-        }
-    }
 }
 
 /// Remembers the images a `.loads` lists; its name is the load when the config named none.
@@ -788,7 +815,7 @@ mod tests {
     }
 
     #[test]
-    fn a_config_naming_a_new_load_is_read_once_per_fetch() {
+    fn a_config_naming_a_new_load_is_read_once_per_fetch_and_once_per_batch() {
         struct Counting(Files, std::cell::Cell<u32>);
         impl Library for Counting {
             fn read(&self, name: &str) -> Option<Vec<u8>> {
@@ -841,6 +868,28 @@ mod tests {
             &lib,
         );
         assert_eq!(b.report(20)[0].load.as_deref(), Some("SIP41.9-5-1"));
+
+        // A burst: the config fetched 1,000 times within one batch is read once, after it.
+        lib.0 .0.insert(
+            cfg.to_lowercase(),
+            b"<loadInformation>SIP41.9-6-1</loadInformation>".to_vec(),
+        );
+        let reads = lib.1.get();
+        let burst: Vec<Observation> = (0..1000)
+            .map(|i| {
+                obs(
+                    &cfg,
+                    30 + i,
+                    Event::Finished {
+                        bytes: 1,
+                        error: None,
+                    },
+                )
+            })
+            .collect();
+        b.observe_all(&burst, &lib);
+        assert_eq!(lib.1.get() - reads, 1, "one read for the batch");
+        assert_eq!(b.report(1030)[0].load.as_deref(), Some("SIP41.9-6-1"));
     }
 
     #[test]

@@ -259,9 +259,7 @@ impl Keeper {
 
     fn apply(&self, batch: &[Observation]) {
         let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
-        for o in batch {
-            book.observe(o, &self.lib);
-        }
+        book.observe_all(batch, &self.lib);
     }
 
     /// Ends quiet boots, updates the metrics and writes the changes in one batch. sled makes a
