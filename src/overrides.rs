@@ -132,6 +132,14 @@ impl Overrides {
         }
     }
 
+    /// Whether the folder holds a file named `name` (in any letter case): a hash lookup in the
+    /// index, without touching the disk. [`open`](Self::open) may still refuse it (a link out
+    /// of the folder).
+    pub fn contains(&self, name: &FileName) -> bool {
+        self.refresh();
+        self.index.files.read().unwrap().contains_key(name.key())
+    }
+
     /// Finds `name` under the root: the exact spelling first, then ignoring ASCII letter case.
     /// Directories and anything resolving outside the root are not files.
     pub fn resolve(&self, name: &FileName) -> Option<PathBuf> {

@@ -560,6 +560,55 @@ async fn overrides_are_served_over_http_without_asking_upstream() {
 }
 
 #[tokio::test]
+async fn an_override_added_beside_a_cached_copy_in_memory_wins_over_http_and_its_removal_too() {
+    if !have(&["curl"]) {
+        return;
+    }
+    let name = "SEP0011AABBCCDD.cnf.xml";
+    let upstream = content(name, 1500);
+    let origin = HttpOrigin::with_files([(name, upstream.clone())]);
+    let app = Appliance::start(&origin.url(), "");
+    let out = scratch_dir();
+    let get = |i: usize| {
+        let url = app.url(name);
+        let dest = out.path().join(format!("o{i}"));
+        async move {
+            let run = curl_get(&url, &dest).await;
+            assert_eq!(run.http_status(), 200, "{run}");
+            std::fs::read(&dest).unwrap()
+        }
+    };
+    // A miss, then hits: the small cached file is now answered from its copy in memory.
+    assert_eq!(get(0).await, upstream);
+    assert_eq!(get(1).await, upstream);
+    let local = content("local", 1200);
+    std::fs::write(app.overrides.join(name.to_lowercase()), &local).unwrap();
+    let t = std::time::Instant::now();
+    let mut i = 2;
+    while get(i).await != local {
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "the override is not served\n{}",
+            app.log()
+        );
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::remove_file(app.overrides.join(name.to_lowercase())).unwrap();
+    let t = std::time::Instant::now();
+    while get(i).await != upstream {
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "the cached copy is not back\n{}",
+            app.log()
+        );
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(origin.gets(name), 1, "the cached copy served throughout");
+}
+
+#[tokio::test]
 async fn one_miss_for_an_http_and_three_tftp_clients_is_one_upstream_fetch() {
     if !have(&["curl", "tftp", "atftp"]) {
         return;

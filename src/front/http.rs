@@ -249,7 +249,7 @@ async fn find(served: &Served, name: &FileName) -> Result<Content, Lookup> {
     let overridden = resolver
         .overrides
         .as_ref()
-        .is_some_and(|o| o.resolve(name).is_some());
+        .is_some_and(|o| o.contains(name));
     if !overridden {
         if let Some(fetcher) = &resolver.fetcher {
             if let Some(copy) = served.hot.get(fetcher.cache(), name.key()) {
