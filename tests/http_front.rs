@@ -569,42 +569,34 @@ async fn an_override_added_beside_a_cached_copy_in_memory_wins_over_http_and_its
     let origin = HttpOrigin::with_files([(name, upstream.clone())]);
     let app = Appliance::start(&origin.url(), "");
     let out = scratch_dir();
-    let get = |i: usize| {
-        let url = app.url(name);
-        let dest = out.path().join(format!("o{i}"));
-        async move {
-            let run = curl_get(&url, &dest).await;
-            assert_eq!(run.http_status(), 200, "{run}");
-            std::fs::read(&dest).unwrap()
+    let dest = out.path().join("o");
+    let get = || async {
+        let run = curl_get(&app.url(name), &dest).await;
+        assert_eq!(run.http_status(), 200, "{run}");
+        std::fs::read(&dest).unwrap()
+    };
+    // Asks until `want` is served, for up to 3 s.
+    let app = &app;
+    let get = &get;
+    let served_within = |want: Vec<u8>, what: &'static str| async move {
+        let t = Instant::now();
+        while get().await != want {
+            assert!(
+                t.elapsed() < Duration::from_secs(3),
+                "{what}\n{}",
+                app.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
     // A miss, then hits: the small cached file is now answered from its copy in memory.
-    assert_eq!(get(0).await, upstream);
-    assert_eq!(get(1).await, upstream);
+    assert_eq!(get().await, upstream);
+    assert_eq!(get().await, upstream);
     let local = content("local", 1200);
     std::fs::write(app.overrides.join(name.to_lowercase()), &local).unwrap();
-    let t = std::time::Instant::now();
-    let mut i = 2;
-    while get(i).await != local {
-        assert!(
-            t.elapsed() < Duration::from_secs(3),
-            "the override is not served\n{}",
-            app.log()
-        );
-        i += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    served_within(local, "the override is not served").await;
     std::fs::remove_file(app.overrides.join(name.to_lowercase())).unwrap();
-    let t = std::time::Instant::now();
-    while get(i).await != upstream {
-        assert!(
-            t.elapsed() < Duration::from_secs(3),
-            "the cached copy is not back\n{}",
-            app.log()
-        );
-        i += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    served_within(upstream, "the cached copy is not back").await;
     assert_eq!(origin.gets(name), 1, "the cached copy served throughout");
 }
 

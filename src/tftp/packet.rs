@@ -357,14 +357,6 @@ impl Packet {
     }
 }
 
-/// Encodes a DATA packet straight into a buffer without building a [`Packet`].
-pub fn encode_data(out: &mut BytesMut, block: u16, data: &[u8]) {
-    out.reserve(4 + data.len());
-    out.put_u16(OP_DATA);
-    out.put_u16(block);
-    out.put_slice(data);
-}
-
 fn put_str(out: &mut BytesMut, s: &str) {
     // A NUL inside a string would corrupt the framing; strip it.
     for b in s.bytes().filter(|&b| b != 0) {

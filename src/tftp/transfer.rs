@@ -219,9 +219,9 @@ impl Datagram {
     }
 
     pub fn data(block: u16, payload: Bytes) -> Datagram {
-        let [hi, lo] = block.to_be_bytes();
+        let ([o1, o2], [b1, b2]) = (packet::OP_DATA.to_be_bytes(), block.to_be_bytes());
         Datagram {
-            head: [0, packet::OP_DATA as u8, hi, lo],
+            head: [o1, o2, b1, b2],
             head_len: 4,
             body: payload,
         }

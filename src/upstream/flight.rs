@@ -237,12 +237,8 @@ impl Fetcher {
         // A phone that joined a revalidation finding the copy current reads that copy; if it
         // was evicted meanwhile, the second round fetches it.
         for _ in 0..2 {
-            if let Some(hit) = self.open_cached(name)? {
-                return Ok(Found::cached(hit));
-            }
-            let ttl = *self.negative_ttl.read().unwrap();
-            if self.not_found_within(name.as_str(), ttl) {
-                return Err(MissError::NotFound);
+            if let Some(answer) = self.open_now(name) {
+                return answer;
             }
             let flight = match self.board(name, Ask::default(), true)? {
                 Boarded::Cached(hit) => return Ok(Found::cached(*hit)),
