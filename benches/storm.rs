@@ -82,7 +82,8 @@ fn server_counters(admin: SocketAddr) -> String {
             .sum()
     };
     format!(
-        "busy {}, displaced {}, resends absorbed {}, out of descriptors {}",
+        "queued {}, busy {}, displaced {}, resends absorbed {}, out of descriptors {}",
+        sample("branchtftp_admission_queued_total"),
         sample("branchtftp_refused_total{reason=\"busy\"}"),
         sample("branchtftp_requests_total{protocol=\"tftp\",result=\"displaced\"}"),
         sample("branchtftp_requests_total{protocol=\"tftp\",result=\"duplicate\"}"),

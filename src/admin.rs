@@ -30,6 +30,10 @@ pub struct CacheStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Transfers {
     pub active: u64,
+    /// TFTP requests waiting in admission's queue for a slot (every one of
+    /// `access.max_transfers` taken); absent from an older server's answer.
+    #[serde(default)]
+    pub queued: u64,
 }
 
 /// The `/status` document (interface.md).
@@ -95,6 +99,7 @@ impl AdminState {
             sync: self.sync.as_ref().map(|s| s.status()),
             transfers: Transfers {
                 active: self.gate.active() as u64,
+                queued: self.gate.queued() as u64,
             },
             phones: self.phones.as_ref().map(|p| p.summary()),
             loads: self
@@ -287,7 +292,14 @@ pub fn render_status(st: &Status) -> String {
         crate::cache::cli::human_size(st.cache.bytes),
         crate::cache::cli::human_size(st.cache.max_bytes)
     );
-    let _ = writeln!(o, "transfers  {} active", st.transfers.active);
+    let _ = match st.transfers.queued {
+        0 => writeln!(o, "transfers  {} active", st.transfers.active),
+        q => writeln!(
+            o,
+            "transfers  {} active, {q} waiting for a slot (access.max_transfers)",
+            st.transfers.active
+        ),
+    };
     if let Some(p) = &st.phones {
         let _ = writeln!(
             o,
@@ -324,4 +336,34 @@ pub fn render_status(st: &Status) -> String {
         o.push_str(&crate::sync::loads::render_table(&st.loads));
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(transfers: &str) -> Status {
+        serde_json::from_str(&format!(
+            r#"{{"version":"0","uptime_s":5,"cache":{{"files":0,"bytes":0,"max_bytes":0}},
+                "upstreams":[],"transfers":{transfers}}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn status_names_requests_waiting_for_a_slot_only_when_there_are_some() {
+        let line = |st: &Status| {
+            render_status(st)
+                .lines()
+                .find(|l| l.starts_with("transfers"))
+                .unwrap()
+                .to_string()
+        };
+        // An older server's answer has no `queued`.
+        assert_eq!(line(&status(r#"{"active":3}"#)), "transfers  3 active");
+        assert_eq!(
+            line(&status(r#"{"active":4096,"queued":120}"#)),
+            "transfers  4096 active, 120 waiting for a slot (access.max_transfers)"
+        );
+    }
 }

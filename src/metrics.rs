@@ -90,6 +90,8 @@ pub struct Metrics {
     pub phone_boots: Counter,
     pub phone_boot_seconds: Histogram,
     pub phone_observations_dropped: Counter,
+    /// Requests that waited in admission's queue for a slot.
+    pub queued: Counter,
     pub load_ready: Family<LoadLabels, Gauge>,
     pub upstream_up: Family<UpstreamLabels, Gauge>,
     pub upstream_transitions: Family<TransitionLabels, Counter>,
@@ -169,6 +171,13 @@ impl Metrics {
             "Duration of completed phone boots, first request to last file",
             phone_boot_seconds.clone(),
         );
+        let queued = Counter::default();
+        registry.register(
+            "admission_queued",
+            "Requests that waited in admission's queue for a free slot (all of access.max_transfers taken); \
+             a count rising in every boot storm says the box could be given more",
+            queued.clone(),
+        );
         let phone_observations_dropped = Counter::default();
         registry.register(
             "phone_observations_dropped",
@@ -233,6 +242,7 @@ impl Metrics {
             phone_boots,
             phone_boot_seconds,
             phone_observations_dropped,
+            queued,
             refused,
             load_ready,
             upstream_up,

@@ -58,6 +58,11 @@ async fn phone_fetch(site: &Site) -> Duration {
 }
 
 async fn active_transfers(admin: SocketAddr) -> u64 {
+    transfers(admin).await["active"].as_u64().unwrap()
+}
+
+/// `/status`'s `transfers` object.
+async fn transfers(admin: SocketAddr) -> serde_json::Value {
     let body = reqwest::get(format!("http://{admin}/status"))
         .await
         .unwrap()
@@ -65,7 +70,7 @@ async fn active_transfers(admin: SocketAddr) -> u64 {
         .await
         .unwrap();
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    v["transfers"]["active"].as_u64().unwrap()
+    v["transfers"].clone()
 }
 
 fn rrq(name: &str, options: &[(&str, &str)]) -> Vec<u8> {
@@ -327,6 +332,21 @@ async fn a_burst_past_max_transfers_is_queued_and_served_then_busy_beyond_the_qu
         queued.push(s);
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
+    // What an engineer sees: four transfers, four requests waiting, and the count of every
+    // request that waited (these four, and the curl burst's that did).
+    let now = transfers(site.admin).await;
+    assert_eq!(
+        (now["active"].as_u64(), now["queued"].as_u64()),
+        (Some(4), Some(4))
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", site.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let waited = metric_value(&metrics, "branchtftp_admission_queued_total", &[]);
+    assert!(waited > 4, "{waited} requests counted as queued");
     let late = socket_on(Ipv4Addr::new(127, 0, 0, 40)).await;
     let t = Instant::now();
     late.send_to(&rrq("big.bin", &[]), site.bt.addr)
@@ -352,4 +372,50 @@ async fn a_burst_past_max_transfers_is_queued_and_served_then_busy_beyond_the_qu
         t.elapsed()
     );
     drop(held);
+}
+
+/// Acknowledges every block of the transfer whose first DATA was `first` (from `from`), up to
+/// its short last block; the bytes received.
+async fn ack_through(sock: &tokio::net::UdpSocket, first: Vec<u8>, from: SocketAddr) -> usize {
+    let (mut p, mut bytes) = (first, 0);
+    loop {
+        assert_eq!(p[..2], [0, 3], "DATA, not {p:?}");
+        bytes += p.len() - 4;
+        sock.send_to(&[0, 4, p[2], p[3]], from).await.unwrap();
+        if p.len() - 4 < 512 {
+            return bytes;
+        }
+        p = replies_first(sock).await.0;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_request_is_started_by_the_loop_whose_transfer_freed_its_slot() {
+    // One slot. A phone's transfer holds it while a second phone's request waits in the
+    // queue; the first transfer's last ACK frees the slot on its loop, which starts the queued
+    // transfer itself (no task, no wake-up of another thread): from the same loop's shared
+    // port. Handed to the loops in turn instead, about every other round would come from the
+    // other loop's port (the rounds' first transfers land on whichever loop reads them).
+    let site = site("  max_transfers: 1\n  max_per_client: 1\n");
+    for round in 0..12u8 {
+        let a = socket_on(Ipv4Addr::new(127, 0, 2, 1 + round)).await;
+        a.send_to(&rrq(PHONE_FILE, &[]), site.bt.addr)
+            .await
+            .unwrap();
+        let (first_a, from_a) = replies_first(&a).await;
+        let b = socket_on(Ipv4Addr::new(127, 0, 3, 1 + round)).await;
+        b.send_to(&rrq(PHONE_FILE, &[]), site.bt.addr)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(ack_through(&a, first_a, from_a).await, 6000);
+        let (first_b, from_b) = replies_first(&b).await;
+        assert_eq!(
+            from_b,
+            from_a,
+            "round {round}: the queued transfer came from another loop's port\n{}",
+            site.bt.log()
+        );
+        assert_eq!(ack_through(&b, first_b, from_b).await, 6000);
+    }
 }

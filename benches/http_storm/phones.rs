@@ -12,6 +12,7 @@
 #[path = "../storm/phones.rs"]
 pub mod files;
 
+use std::borrow::Cow;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 
-pub use files::{content, mac, write_files, Boot, CONFIG_SIZE, MISSING_FILES, SHARED_FILES};
+pub use files::{expected, mac, write_files, Boot, CONFIG_SIZE, MISSING_FILES, SHARED_FILES};
 
 const TRIES: u32 = 4;
 const ANSWER_WITHIN: Duration = Duration::from_secs(10);
@@ -32,7 +33,7 @@ pub async fn storm(server: SocketAddr, phones: usize, spread: Duration) -> Vec<B
 }
 
 /// The files phone `i` asks for, in order, with the content expected (`None`: a 404).
-pub fn boot_files(i: usize) -> Vec<(String, Option<Vec<u8>>)> {
+pub fn boot_files(i: usize) -> Vec<(String, Option<Cow<'static, [u8]>>)> {
     let mac = mac(i);
     let config = format!("{mac}.cnf.xml");
     MISSING_FILES
@@ -41,11 +42,11 @@ pub fn boot_files(i: usize) -> Vec<(String, Option<Vec<u8>>)> {
         .chain(
             SHARED_FILES
                 .iter()
-                .map(|(n, s)| (n.to_string(), Some(content(n, *s)))),
+                .map(|(n, s)| (n.to_string(), Some(expected(n, *s)))),
         )
         .chain(std::iter::once((
             config.clone(),
-            Some(content(&config, CONFIG_SIZE)),
+            Some(expected(&config, CONFIG_SIZE)),
         )))
         .collect()
 }
@@ -70,7 +71,7 @@ async fn boot(server: SocketAddr, i: usize) -> Boot {
         };
         let failure = match (answer, &want) {
             (Ok((404, _)), None) => None,
-            (Ok((200, body)), Some(w)) if body == *w => None,
+            (Ok((200, body)), Some(w)) if body[..] == w[..] => None,
             (Ok((200, body)), Some(_)) => Some(format!("{name}: {} bytes, wrong", body.len())),
             (Ok((status, _)), _) => Some(format!("{name}: HTTP {status}")),
             (Err(e), _) => Some(format!("{name}: gave up ({})", e.kind())),

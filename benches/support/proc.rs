@@ -154,9 +154,15 @@ impl Cost {
     }
 }
 
+/// The branchtftp binary to measure: this build's, or `BENCH_BRANCHTFTP` (another build's,
+/// to compare two versions of the server with the same generator, one run after the other).
+pub fn branchtftp_binary() -> std::ffi::OsString {
+    std::env::var_os("BENCH_BRANCHTFTP").unwrap_or_else(|| env!("CARGO_BIN_EXE_branchtftp").into())
+}
+
 /// `branchtftp serve -c CONFIG`, quiet, ignoring the caller's BRANCHTFTP_CONFIG.
 pub fn spawn_branchtftp(config: &std::path::Path) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_branchtftp"))
+    std::process::Command::new(branchtftp_binary())
         .args(["serve", "-c"])
         .arg(config)
         .env_remove("BRANCHTFTP_CONFIG")

@@ -3,9 +3,13 @@
 //! transfers (`access.max_transfers`, the serving count of CUCM's TFTP service).
 //!
 //! Beyond the global limit, TFTP requests wait in a short FIFO queue and are served as slots
-//! free; "server busy" only when the queue is full or the wait runs out. A TFTP slot is cheap
-//! until its client proves it is there (acknowledges something): after a grace (at least
-//! [`PROOF_GRACE`], longer while answering clients are slow) an unproven transfer may be displaced by a new request, so spoofed requests that will never be
+//! free; "server busy" only when the queue is full or the wait runs out. A queued request is
+//! a callback ([`Admitted`]), not a task: the thread that frees a slot (a TFTP event loop)
+//! starts the next transfer itself, which in a storm is most of them.
+//!
+//! A TFTP slot is cheap until its client proves it is there (acknowledges something): after
+//! a grace (at least [`PROOF_GRACE`], longer while answering clients are slow) an unproven
+//! transfer may be displaced by a new request, so spoofed requests that will never be
 //! answered cannot keep phones out. Proven transfers are never displaced.
 
 use std::collections::{HashMap, VecDeque};
@@ -40,6 +44,9 @@ pub struct Gate {
     state: Mutex<State>,
     /// Moving average of how long clients that did answer took to answer, in microseconds.
     proof_micros: AtomicU64,
+    /// Where the queue's nudging task runs: requests are queued from the TFTP event loops,
+    /// which are not runtime threads.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl std::fmt::Debug for Gate {
@@ -62,17 +69,80 @@ struct State {
     /// ones are skipped lazily).
     probation: VecDeque<Arc<Claim>>,
     queue: VecDeque<Waiter>,
-    next_waiter: u64,
     /// A task is nudging the queue (one per gate while it is not empty, not one per waiter:
     /// thousands of waiters each waking 8 times a second cost a storm its CPU).
     nudging: bool,
 }
 
 struct Waiter {
-    id: u64,
     ip: IpAddr,
     protocol: &'static str,
-    tx: oneshot::Sender<Slot>,
+    /// Queued at: the wait ends with "busy" at `since + QUEUE_WAIT`.
+    since: Instant,
+    then: Admitted,
+}
+
+/// What a queued request does once it has its answer: a slot, or "busy" when the queue was
+/// full or its wait ran out. It runs on the thread that freed the slot (a TFTP event loop,
+/// which starts the transfer itself: no task, no wake-up) or on the task that gave up on it.
+pub type Admitted = Box<dyn FnOnce(Result<Slot, Refusal>) + Send>;
+
+/// Answers to queued requests decided under the state lock, given once it is released, so
+/// that what an answer does (start a transfer, or free its slot again) never runs under it.
+#[must_use]
+struct Answers(Vec<Answer>);
+
+/// A queued request and what it is told.
+type Answer = (Admitted, Result<Slot, Refusal>);
+
+thread_local! {
+    /// Answers due on this thread while it is already answering: an answer that frees a slot
+    /// (a refused start) hands it over again, and a chain of those must not grow the stack.
+    static ANSWERING: std::cell::RefCell<Option<Vec<Answer>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl Answers {
+    fn give(self) {
+        let Answers(mut now) = self;
+        if now.is_empty() {
+            return;
+        }
+        let nested = ANSWERING.with(|a| match a.borrow_mut().as_mut() {
+            Some(later) => {
+                later.append(&mut now);
+                true
+            }
+            None => false,
+        });
+        if nested {
+            return;
+        }
+        /// Ends this thread's turn at answering, even if an answer panics (a runtime worker
+        /// lives on after a task's panic, and must not defer every later answer for ever).
+        struct Turn;
+        impl Drop for Turn {
+            fn drop(&mut self) {
+                ANSWERING.with(|a| *a.borrow_mut() = None);
+            }
+        }
+        ANSWERING.with(|a| *a.borrow_mut() = Some(Vec::new()));
+        let _turn = Turn;
+        while !now.is_empty() {
+            for (then, answer) in now.drain(..) {
+                if matches!(answer, Err(Refusal::Busy)) {
+                    crate::metrics::global().refused("busy");
+                }
+                then(answer);
+            }
+            now = ANSWERING.with(|a| {
+                a.borrow_mut()
+                    .as_mut()
+                    .map(std::mem::take)
+                    .unwrap_or_default()
+            });
+        }
+    }
 }
 
 /// How to end a transfer on probation (its engine's cancel command).
@@ -140,7 +210,7 @@ impl Drop for Slot {
         if self.claim.released.swap(true, Ordering::AcqRel) {
             return;
         }
-        let handed = {
+        let answers = {
             let mut st = self.gate.state.lock().unwrap();
             st.release(&self.claim);
             if self.claim.proven.load(Ordering::Acquire) {
@@ -148,7 +218,7 @@ impl Drop for Slot {
             }
             self.gate.hand_over(&mut st)
         };
-        drop(handed);
+        answers.give();
     }
 }
 
@@ -165,6 +235,20 @@ impl State {
             if *n == 0 {
                 self.per_client.remove(&ip);
             }
+        }
+    }
+
+    /// Takes the waiters queued for [`QUEUE_WAIT`] or longer out of the queue, to be told
+    /// "busy".
+    fn expire(&mut self, now: Instant, answers: &mut Answers) {
+        while self
+            .queue
+            .front()
+            .is_some_and(|w| now.saturating_duration_since(w.since) >= QUEUE_WAIT)
+        {
+            let w = self.queue.pop_front().expect("not empty");
+            self.forget_client(w.ip);
+            answers.0.push((w.then, Err(Refusal::Busy)));
         }
     }
 
@@ -221,6 +305,7 @@ impl Gate {
             access: Mutex::new(access),
             state: Mutex::new(State::default()),
             proof_micros: AtomicU64::new(0),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         })
     }
 
@@ -329,67 +414,72 @@ impl Gate {
         ip: IpAddr,
         protocol: &'static str,
     ) -> Result<Slot, Refusal> {
-        counted(self.enqueue(ip, protocol)?.wait().await)
+        let (tx, rx) = oneshot::channel();
+        self.queue_for(
+            ip,
+            protocol,
+            Box::new(move |answer| {
+                // Gone (its request was given up): a slot in the answer is dropped, and freed.
+                let _ = tx.send(answer);
+            }),
+        );
+        rx.await.unwrap_or(Err(Refusal::Busy))
     }
 
-    /// [`Gate::admit_queued`] up to the wait: a slot now, or a place in the queue.
-    fn enqueue(self: &Arc<Self>, ip: IpAddr, protocol: &'static str) -> Result<Queued, Refusal> {
-        let rx = match self.try_admit(ip, protocol) {
-            Err(Refusal::Busy) => {
-                let (max_total, max_client) = self.limits();
-                let mut st = self.state.lock().unwrap();
-                let mine = st.per_client.get(&ip).copied().unwrap_or(0);
-                if mine >= max_client {
-                    return Err(Refusal::Busy);
-                }
-                let mut displaced = None;
-                if st.queue.len() >= max_total {
-                    // A full queue: the oldest silent transfer goes now, grace or not, so a
-                    // burst of spoofed requests cannot lock phones out of the queue itself.
-                    match st.displace(Instant::now(), Duration::ZERO) {
-                        Some(d) => displaced = Some(d),
-                        None => return Err(Refusal::Busy),
-                    }
-                }
-                // A slot may have freed since `admit` looked: `hand_over` below gives it out.
-                let (tx, rx) = oneshot::channel();
-                st.next_waiter += 1;
-                let id = st.next_waiter;
-                st.queue.push_back(Waiter {
-                    id,
-                    ip,
-                    protocol,
-                    tx,
-                });
-                *st.per_client.entry(ip).or_insert(0) += 1;
-                let handed = self.hand_over(&mut st);
-                let nudge = !st.queue.is_empty() && !std::mem::replace(&mut st.nudging, true);
-                drop(st);
-                drop(handed);
-                if let Some(d) = displaced {
-                    d();
-                }
-                if nudge {
-                    tokio::spawn(self.clone().nudge_while_queued());
-                }
-                Queued {
-                    gate: self.clone(),
-                    id,
-                    rx,
-                    waiting: true,
-                }
+    /// [`admit_queued`](Self::admit_queued) without a task: `then` is called with the slot
+    /// now, or later from the thread that frees one, or with "busy" when the queue is full or
+    /// the wait runs out (within [`NUDGE_EVERY`] of [`QUEUE_WAIT`]).
+    pub fn queue_for(self: &Arc<Self>, ip: IpAddr, protocol: &'static str, then: Admitted) {
+        match self.try_admit(ip, protocol) {
+            Err(Refusal::Busy) => self.enqueue(ip, protocol, then).give(),
+            answer => then(answer),
+        }
+    }
+
+    /// Queues `then` behind every slot being taken, unless its client is at its limit or
+    /// the queue is full.
+    fn enqueue(self: &Arc<Self>, ip: IpAddr, protocol: &'static str, then: Admitted) -> Answers {
+        let (max_total, max_client) = self.limits();
+        let mut st = self.state.lock().unwrap();
+        let mine = st.per_client.get(&ip).copied().unwrap_or(0);
+        if mine >= max_client {
+            return Answers(vec![(then, Err(Refusal::Busy))]);
+        }
+        let mut displaced = None;
+        if st.queue.len() >= max_total {
+            // A full queue: the oldest silent transfer goes now, grace or not, so a burst of
+            // spoofed requests cannot lock phones out of the queue itself.
+            match st.displace(Instant::now(), Duration::ZERO) {
+                Some(d) => displaced = Some(d),
+                None => return Answers(vec![(then, Err(Refusal::Busy))]),
             }
-            Ok(slot) => Queued::granted(self, slot),
-            Err(e) => return Err(e),
-        };
-        Ok(rx)
+        }
+        st.queue.push_back(Waiter {
+            ip,
+            protocol,
+            since: Instant::now(),
+            then,
+        });
+        *st.per_client.entry(ip).or_insert(0) += 1;
+        crate::metrics::global().queued.inc();
+        // A slot may have freed since `try_admit` looked: `hand_over` gives it out.
+        let answers = self.hand_over(&mut st);
+        let nudge = !st.queue.is_empty() && !std::mem::replace(&mut st.nudging, true);
+        drop(st);
+        if let Some(d) = displaced {
+            d();
+        }
+        if nudge {
+            self.start_nudging();
+        }
+        answers
     }
 
     /// Gives free slots (and slots of transfers on probation past their grace) to the
-    /// queue's head, in order. Returns slots whose waiter had gone, to be dropped by the
-    /// caller outside the lock.
-    fn hand_over(self: &Arc<Self>, st: &mut State) -> Vec<Slot> {
-        let mut gone = Vec::new();
+    /// queue's head, in order. The answers are the caller's to give once it has let go of
+    /// the lock.
+    fn hand_over(self: &Arc<Self>, st: &mut State) -> Answers {
+        let mut answers = Answers(Vec::new());
         let (max_total, _) = self.limits();
         let mut displaced = Vec::new();
         while !st.queue.is_empty() {
@@ -401,37 +491,54 @@ impl Gate {
             }
             let w = st.queue.pop_front().expect("not empty");
             let slot = self.grant(st, w.ip, w.protocol);
-            if let Err(slot) = w.tx.send(slot) {
-                // Its request was given up; undo here rather than in Drop (we hold the lock).
-                slot.claim.released.store(true, Ordering::Release);
-                st.release(&slot.claim);
-                gone.push(slot);
-            }
+            answers.0.push((w.then, Ok(slot)));
         }
         for d in displaced {
             d();
         }
-        gone
+        answers
     }
 
-    /// Hands slots of transfers whose grace has run out to queued requests while the queue is
-    /// not empty, so a full house of silent clients drains.
-    async fn nudge_while_queued(self: Arc<Self>) {
-        loop {
-            tokio::time::sleep(NUDGE_EVERY).await;
-            let handed = {
-                let mut st = self.state.lock().unwrap();
-                let handed = self.hand_over(&mut st);
-                if st.queue.is_empty() {
-                    st.nudging = false;
-                    drop(st);
-                    drop(handed);
-                    return;
-                }
-                handed
-            };
-            drop(handed);
+    /// Runs [`nudge`](Self::nudge) every [`NUDGE_EVERY`] until the queue is empty: on the
+    /// runtime, or on a thread of its own where there is none (a gate made outside one).
+    fn start_nudging(self: &Arc<Self>) {
+        let gate = self.clone();
+        match &self.runtime {
+            Some(rt) => {
+                rt.spawn(async move {
+                    loop {
+                        tokio::time::sleep(NUDGE_EVERY).await;
+                        if !gate.nudge() {
+                            return;
+                        }
+                    }
+                });
+            }
+            None => {
+                std::thread::spawn(move || loop {
+                    std::thread::sleep(NUDGE_EVERY);
+                    if !gate.nudge() {
+                        return;
+                    }
+                });
+            }
         }
+    }
+
+    /// Hands slots of transfers whose grace has run out to queued requests, so a full house
+    /// of silent clients drains, and tells requests that waited [`QUEUE_WAIT`] "busy".
+    /// Whether the queue still holds anyone (else nudging stops).
+    fn nudge(self: &Arc<Self>) -> bool {
+        let (answers, queued) = {
+            let mut st = self.state.lock().unwrap();
+            let mut answers = self.hand_over(&mut st);
+            st.expire(Instant::now(), &mut answers);
+            let queued = !st.queue.is_empty();
+            st.nudging = queued;
+            (answers, queued)
+        };
+        answers.give();
+        queued
     }
 }
 
@@ -441,52 +548,6 @@ fn counted(r: Result<Slot, Refusal>) -> Result<Slot, Refusal> {
         crate::metrics::global().refused("busy");
     }
     r
-}
-
-/// A request in the admission queue; leaving the queue (given up or timed out) on drop.
-struct Queued {
-    gate: Arc<Gate>,
-    id: u64,
-    rx: oneshot::Receiver<Slot>,
-    /// Still in the queue (not yet handed a slot).
-    waiting: bool,
-}
-
-impl Queued {
-    /// A request admitted at once: its slot is already in the channel.
-    fn granted(gate: &Arc<Gate>, slot: Slot) -> Queued {
-        let (tx, rx) = oneshot::channel();
-        let _ = tx.send(slot);
-        Queued {
-            gate: gate.clone(),
-            id: 0,
-            rx,
-            waiting: false,
-        }
-    }
-
-    async fn wait(mut self) -> Result<Slot, Refusal> {
-        match tokio::time::timeout(QUEUE_WAIT, &mut self.rx).await {
-            Ok(Ok(slot)) => {
-                self.waiting = false;
-                Ok(slot)
-            }
-            Ok(Err(_)) | Err(_) => Err(Refusal::Busy),
-        }
-    }
-}
-
-impl Drop for Queued {
-    fn drop(&mut self) {
-        if !self.waiting {
-            return;
-        }
-        let mut st = self.gate.state.lock().unwrap();
-        if let Some(i) = st.queue.iter().position(|w| w.id == self.id) {
-            let w = st.queue.remove(i).expect("found");
-            st.forget_client(w.ip);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -600,6 +661,70 @@ mod tests {
         }
         assert_eq!(g.grace(), MAX_PROOF_GRACE);
         drop(slow);
+    }
+
+    #[test]
+    fn a_queued_request_is_answered_on_the_thread_that_frees_a_slot_without_a_runtime() {
+        let g = gate(1, 4);
+        let held = g.admit(ip(1), "tftp").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        g.queue_for(
+            ip(2),
+            "tftp",
+            Box::new(move |answer| {
+                let _ = tx.send((answer, std::thread::current().id()));
+            }),
+        );
+        assert_eq!(g.queued(), 1);
+        assert!(rx.try_recv().is_err(), "answered before a slot freed");
+        let freeing = std::thread::spawn(move || {
+            drop(held);
+            std::thread::current().id()
+        });
+        let freed_on = freeing.join().unwrap();
+        let (admitted, answered_on) = rx.recv_timeout(Duration::from_secs(1)).unwrap();
+        assert_eq!(answered_on, freed_on);
+        assert_eq!((g.active(), g.queued()), (1, 0));
+        drop(admitted.unwrap());
+        assert_eq!(g.active(), 0);
+    }
+
+    #[test]
+    fn a_long_chain_of_answers_that_free_their_slots_at_once_runs_without_recursing() {
+        // Every queued request's start fails (bad options, say) and gives its slot straight
+        // back: each answer frees a slot for the next. Answered by recursion, 20,000 of them
+        // overflow the stack of the thread that freed the first.
+        const N: usize = 20_000;
+        let g = gate(N, N);
+        let held: Vec<Slot> = (0..N).map(|_| g.admit(ip(1), "tftp").unwrap()).collect();
+        let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for _ in 0..N {
+            let answered = answered.clone();
+            g.queue_for(
+                ip(2),
+                "tftp",
+                Box::new(move |answer| {
+                    assert!(answer.is_ok());
+                    answered.fetch_add(1, Ordering::Relaxed);
+                    drop(answer);
+                }),
+            );
+        }
+        assert_eq!(g.queued(), N);
+        let mut held = held;
+        let held = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                drop(held.pop());
+                held
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(answered.load(Ordering::Relaxed), N);
+        assert_eq!((g.active(), g.queued()), (N - 1, 0));
+        drop(held);
+        assert_eq!(g.active(), 0);
     }
 
     #[test]

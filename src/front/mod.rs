@@ -18,7 +18,9 @@ pub use gate::{Gate, Refusal, Slot};
 
 use crate::content::{Body, Found, Origin};
 use crate::overrides::{Override, Overrides};
-use crate::tftp::server::{Content, OpenError, ReadRequest, Source, Ticket, TransferReport};
+use crate::tftp::server::{
+    Content, Now, OpenError, Opened, ReadRequest, Source, Ticket, TransferReport,
+};
 use crate::upstream::flight::Fetcher;
 
 /// Why a request gets no content: the miss path's own error (one type across the boundary;
@@ -116,17 +118,53 @@ impl Source for TftpFront {
 
     /// Content at hand and a slot free now: answered on the event loop. The content is looked
     /// up first, so a missing file is answered without taking a slot; a full house goes to
-    /// [`open`](Self::open) and its queue.
-    fn open_now(&self, req: &ReadRequest) -> Option<Result<Content, OpenError>> {
-        let found = self.resolver.find_now(&req.name)?;
+    /// [`open_queued`](Self::open_queued) and admission's queue.
+    fn open_now(&self, req: &ReadRequest) -> Now {
+        let Some(found) = self.resolver.find_now(&req.name) else {
+            return Now::Wait;
+        };
         if let Ok(found) = found {
             return match self.gate.try_admit(req.client.ip(), "tftp") {
-                Ok(slot) => Some(answer(req, Ok(found), slot)),
-                Err(Refusal::Busy) => None,
-                Err(r) => Some(Err(refused(req, r))),
+                Ok(slot) => Now::Answer(answer(req, Ok(found), slot)),
+                Err(Refusal::Busy) => Now::Full,
+                Err(r) => Now::Answer(Err(refused(req, r))),
             };
         }
-        Some(answer(req, found, ()))
+        Now::Answer(answer(req, found, ()))
+    }
+
+    /// Waits in admission's queue without a task: the thread that frees a slot (an event
+    /// loop) looks the content up again and starts the transfer. The content is not held
+    /// while queued (an open file per waiting request would double what a storm costs in
+    /// descriptors); in the rare case it is no longer at hand, it is fetched in a task.
+    fn open_queued(
+        self: Arc<Self>,
+        req: ReadRequest,
+        runtime: &tokio::runtime::Handle,
+        then: Opened,
+    ) {
+        let runtime = runtime.clone();
+        let resolver = self.resolver.clone();
+        let ip = req.client.ip();
+        self.gate.queue_for(
+            ip,
+            "tftp",
+            Box::new(move |admitted| {
+                let slot = match admitted {
+                    Ok(slot) => slot,
+                    Err(r) => return then(Err(refused(&req, r))),
+                };
+                match resolver.find_now(&req.name) {
+                    Some(found) => then(answer(&req, found, slot)),
+                    None => {
+                        runtime.spawn(async move {
+                            let found = resolver.find_since(&req.name, req.arrived).await;
+                            then(answer(&req, found, slot))
+                        });
+                    }
+                }
+            }),
+        );
     }
 
     fn finished(&self, r: &TransferReport) {

@@ -126,6 +126,11 @@ enum Cmd {
     Stop,
 }
 
+thread_local! {
+    /// On a loop's thread: its engine (the address of its [`EngineInner`]) and its index.
+    static ON_LOOP: std::cell::Cell<Option<(usize, usize)>> = const { std::cell::Cell::new(None) };
+}
+
 /// A way to reach one loop from any thread.
 #[derive(Clone)]
 struct Mailbox {
@@ -224,9 +229,13 @@ impl Engine {
                 generation: 0,
                 spare_inbox: None,
             };
+            let on = (Arc::as_ptr(&engine.inner) as usize, i);
             std::thread::Builder::new()
                 .name(format!("tftp-loop-{i}"))
-                .spawn(move || l.run())?;
+                .spawn(move || {
+                    ON_LOOP.with(|c| c.set(Some(on)));
+                    l.run()
+                })?;
         }
         Ok(engine)
     }
@@ -236,11 +245,18 @@ impl Engine {
         self.inner.active.load(Ordering::Acquire)
     }
 
-    /// Hands a transfer to the next loop (round robin).
+    /// Hands a transfer to a loop: the one calling, when a loop calls (admission hands a freed
+    /// slot to a queued request on the loop whose transfer freed it: the loop is awake and
+    /// reads its mail before it sleeps, so nobody is woken); else the next (round robin).
     pub fn start_transfer(&self, job: Job) {
         self.inner.active.fetch_add(1, Ordering::AcqRel);
         let loops = &self.inner.loops;
-        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % loops.len();
+        let id = Arc::as_ptr(&self.inner) as usize;
+        let i = ON_LOOP
+            .with(|on| on.get())
+            .filter(|(engine, _)| *engine == id)
+            .map(|(_, i)| i)
+            .unwrap_or_else(|| self.inner.next.fetch_add(1, Ordering::Relaxed) % loops.len());
         loops[i].send(Cmd::Start(Box::new(job)));
     }
 

@@ -13,4 +13,4 @@ pub mod server;
 mod shared;
 pub mod transfer;
 
-pub use server::{Content, OpenError, ReadRequest, Source, Ticket, TransferError};
+pub use server::{Content, Now, OpenError, Opened, ReadRequest, Source, Ticket, TransferError};

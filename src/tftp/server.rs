@@ -8,9 +8,10 @@
 //! The listeners are read by the event loops themselves: a request whose content is at hand
 //! (an override, a cache hit, a name known to be missing) and whose client is admitted at
 //! once is answered or started in the loop that read it, without a task, a channel or a
-//! wake-up in between (a boot storm is thousands of these). Only a request that must wait
-//! (for a place in admission's queue, for an upstream) becomes a task on the runtime, which
-//! hands the transfer to a loop when its content is there.
+//! wake-up in between (a boot storm is thousands of these). A request that waits for a slot
+//! in admission's queue is started by the loop whose transfer frees one, again without a task
+//! ([`Source::open_queued`]); only a request that waits for an upstream becomes a task on the
+//! runtime, which hands the transfer to a loop when its content is there.
 //!
 //! Everything said to a client before a transfer starts is a short fixed ERROR
 //! ([`ErrorPacket`]); what went wrong, with the client's address, goes to the log.
@@ -144,6 +145,20 @@ pub enum TransferError {
     Source(String),
 }
 
+/// What [`Source::open_now`] could do for a request without waiting.
+pub enum Now {
+    /// Answered: the content, or why not.
+    Answer(Result<Content, OpenError>),
+    /// The content is at hand but every slot is taken: [`Source::open_queued`] waits for one
+    /// without a task.
+    Full,
+    /// The content must be fetched: [`Source::open`], in a task.
+    Wait,
+}
+
+/// What a request that waited for admission is handed: its content, or why not.
+pub type Opened = Box<dyn FnOnce(Result<Content, OpenError>) + Send>;
+
 /// Where the server gets file content: a directory, the cache, the miss path.
 pub trait Source: Send + Sync + 'static {
     /// Whether `client` may be served at all. Asked before anything beyond the opcode is
@@ -155,10 +170,21 @@ pub trait Source: Send + Sync + 'static {
     fn open(&self, req: ReadRequest) -> BoxFuture<'_, Result<Content, OpenError>>;
 
     /// [`open`](Self::open) when it can answer without waiting (content at hand, client
-    /// admitted at once): asked first, on the event loop that read the request; `None` sends
-    /// the request to `open` on the runtime.
-    fn open_now(&self, _req: &ReadRequest) -> Option<Result<Content, OpenError>> {
-        None
+    /// admitted at once): asked first, on the event loop that read the request.
+    fn open_now(&self, _req: &ReadRequest) -> Now {
+        Now::Wait
+    }
+
+    /// A request [`open_now`](Self::open_now) found [`Now::Full`]: calls `then` with its
+    /// content once it is admitted (or its refusal), from whichever thread that happens on.
+    /// The default waits in a task on `runtime` running [`open`](Self::open).
+    fn open_queued(
+        self: Arc<Self>,
+        req: ReadRequest,
+        runtime: &tokio::runtime::Handle,
+        then: Opened,
+    ) {
+        runtime.spawn(async move { then(self.open(req).await) });
     }
 
     /// Called once per finished (or failed) transfer.
@@ -486,32 +512,59 @@ impl<S: Source> Front for Door<S> {
             arrived,
         };
         let local = self.locals[listener];
-        if let Some(opened) = self.source.open_now(&req) {
-            return match self.start(local, &req, arrived, opened, &pkt, entry) {
-                Ok(job) => Step::Start(Box::new(job)),
-                Err(e) => reply(e),
-            };
-        }
+        let queued = match self.source.open_now(&req) {
+            Now::Answer(opened) => {
+                return match self.start(local, &req, arrived, opened, &pkt, entry) {
+                    Ok(job) => Step::Start(Box::new(job)),
+                    Err(e) => reply(e),
+                };
+            }
+            Now::Full => true,
+            Now::Wait => false,
+        };
         self.opening.fetch_add(1, Ordering::AcqRel);
         let door = self.clone();
-        self.runtime.spawn(async move {
-            let _opening = Opening(&door.opening);
-            let opened = door.source.open(req.clone()).await;
-            match door.start(local, &req, arrived, opened, &pkt, entry) {
-                Ok(job) => door.engine.start_transfer(job),
-                Err(e) => {
-                    let sock = door.listeners.read().unwrap().get(listener).cloned();
-                    if let Some(sock) = sock {
-                        refuse(&sock, peer, e);
-                    }
-                }
-            }
-        });
+        let then: Opened = {
+            let req = req.clone();
+            Box::new(move |opened| door.opened(listener, req, opened, pkt, entry))
+        };
+        if queued {
+            // Admission calls back from the thread that frees a slot: a loop, which starts
+            // the transfer itself ([`Engine::start_transfer`]).
+            self.source.clone().open_queued(req, &self.runtime, then);
+        } else {
+            let source = self.source.clone();
+            self.runtime
+                .spawn(async move { then(source.open(req).await) });
+        }
         Step::Nothing
     }
 }
 
 impl<S: Source> Door<S> {
+    /// A request that waited (for admission or content) has its answer: its transfer goes to
+    /// a loop, or its refusal leaves from the listener that read it.
+    fn opened(
+        self: Arc<Self>,
+        listener: usize,
+        req: ReadRequest,
+        opened: Result<Content, OpenError>,
+        rrq: Packet,
+        entry: InProgress<S>,
+    ) {
+        let _opening = Opening(&self.opening);
+        let local = self.locals[listener];
+        match self.start(local, &req, req.arrived, opened, &rrq, entry) {
+            Ok(job) => self.engine.start_transfer(job),
+            Err(e) => {
+                let sock = self.listeners.read().unwrap().get(listener).cloned();
+                if let Some(sock) = sock {
+                    refuse(&sock, req.client, e);
+                }
+            }
+        }
+    }
+
     /// The transfer for an opened request, options decided; or the ERROR that refuses it (a
     /// refusal by the source is reported to it).
     fn start(
