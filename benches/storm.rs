@@ -6,8 +6,14 @@
 //!   cargo bench --bench storm                 # N = 500, 1000, 2000, 5000
 //!   STORM_PHONES=500,3000 cargo bench --bench storm
 //!
+//! A third server runs beside them: the floor (benches/storm/floor.rs), a TFTP server that
+//! does nothing but the system calls, whose CPU per boot is what any server pays on this
+//! machine for the same datagrams. `STORM_FLOOR=0` leaves it out.
+//!
 //! Needs in.tftpd (tftpd-hpa). Not a CI test (tests/storm.rs runs 500 phones in CI).
 
+#[path = "storm/floor.rs"]
+mod floor;
 #[path = "storm/phones.rs"]
 mod phones;
 #[path = "support/proc.rs"]
@@ -65,6 +71,21 @@ fn tftpd_hpa(root: &Path) -> Server {
     })
 }
 
+/// The floor server, this benchmark started again as a process of its own.
+fn floor_server(root: &Path) -> Server {
+    let port = proc::free_udp_port();
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("STORM_FLOOR_SERVER", format!("{}|{port}", root.display()))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start the floor server");
+    ready(Server {
+        child,
+        addr: ([127, 0, 0, 1], port).into(),
+        admin: None,
+    })
+}
+
 /// branchtftp's own account of a run, from `/metrics`: requests told "busy", transfers of
 /// silent clients displaced, resent requests absorbed, refusals for want of descriptors.
 fn server_counters(admin: SocketAddr) -> String {
@@ -115,6 +136,11 @@ fn run(rt: &tokio::runtime::Runtime, server: &Server, n: usize) -> (phones::Summ
 }
 
 fn main() {
+    if let Ok(at) = std::env::var("STORM_FLOOR_SERVER") {
+        let (root, port) = at.rsplit_once('|').expect("ROOT|PORT");
+        floor::serve(Path::new(root), port.parse().expect("a port"));
+    }
+    let with_floor = std::env::var("STORM_FLOOR").map_or(true, |v| v != "0");
     let ns = phones::storm_sizes();
     let max = *ns.iter().max().unwrap_or(&500);
     let root = tempfile::tempdir().unwrap();
@@ -134,10 +160,13 @@ fn main() {
     for &n in &ns {
         // A fresh server per N, so peak RSS is this N's.
         let mut rows = Vec::new();
-        for (name, server) in [
-            ("branchtftp", branchtftp(root.path(), cache.path())),
-            ("tftpd-hpa", tftpd_hpa(root.path())),
-        ] {
+        let servers: [(&str, &dyn Fn() -> Server); 3] = [
+            ("branchtftp", &|| branchtftp(root.path(), cache.path())),
+            ("tftpd-hpa", &|| tftpd_hpa(root.path())),
+            ("floor", &|| floor_server(root.path())),
+        ];
+        for (name, start) in servers.iter().take(if with_floor { 3 } else { 2 }) {
+            let server = start();
             let r = run(&rt, &server, n);
             let (boots, cost) = (&r.0, &r.1);
             println!(
@@ -145,7 +174,7 @@ fn main() {
                 boots.cells(cost.wall, cost.cpu_ms_per(boots.booted)),
                 cost.generator_ms_per(boots.booted),
                 cost.rss_mb,
-                if name == "tftpd-hpa" {
+                if *name != "branchtftp" {
                     "-".to_string()
                 } else {
                     cost.threads.to_string()
@@ -169,6 +198,13 @@ fn main() {
             "|  | ratio branchtftp/tftpd-hpa | | | | | {:.2} | | {cpu_ratio:.2} | | | |",
             bt_cost.wall / hpa_cost.wall,
         );
+        if let Some((floor, floor_cost)) = rows.get(2) {
+            let floor_ratio = floor_cost.cpu_ms_per(floor.booted) / hpa_cost.cpu_ms_per(hpa.booted);
+            println!(
+                "|  | ratio floor/tftpd-hpa | | | | | {:.2} | | {floor_ratio:.2} | | | |",
+                floor_cost.wall / hpa_cost.wall,
+            );
+        }
         targets.push((format!("{n} phones: all boot"), bt.gave_up == 0));
         targets.push((
             format!("{n} phones: server CPU per boot ≤ 0.5× tftpd-hpa's ({cpu_ratio:.2})"),
