@@ -430,9 +430,8 @@ impl Loop {
         let mut inbox = Inbox::default();
         loop {
             let mut timeout = self
-                .timers
-                .peek()
-                .map(|Reverse((t, ..))| t.saturating_duration_since(Instant::now()));
+                .next_timer()
+                .map(|t| t.saturating_duration_since(Instant::now()));
             self.mailbox.asleep.store(true, Ordering::SeqCst);
             // Mail sent before the store above did not wake us: read it now, and do not sleep
             // before what it started is sent.
@@ -868,32 +867,49 @@ impl Loop {
         self.finish(i, Err(TransferError::Source(e.to_string())));
     }
 
+    /// The earliest deadline a live transfer waits for. Entries of transfers that ended, and
+    /// entries whose deadline moved later since they were queued (an ACK came in), are settled
+    /// here, not by waking up for them: a boot storm leaves one such entry per finished file,
+    /// each a wasted wake-up of the loop a second later.
+    fn next_timer(&mut self) -> Option<Instant> {
+        while let Some(&Reverse((at, i, generation))) = self.timers.peek() {
+            let live = match self.table.get_mut(i) {
+                Some(Some(t)) if t.generation == generation && t.timer == Some(at) => Some(t),
+                _ => None,
+            };
+            let Some(t) = live else {
+                self.timers.pop();
+                continue;
+            };
+            match t.sender.poll_timeout() {
+                Some(d) if d > at => {
+                    self.timers.pop();
+                    t.timer = Some(d);
+                    self.timers.push(Reverse((d, i, generation)));
+                }
+                _ => return Some(at),
+            }
+        }
+        None
+    }
+
     fn fire_timers(&mut self) {
         let now = Instant::now();
-        while let Some(&Reverse((at, i, generation))) = self.timers.peek() {
+        while let Some(at) = self.next_timer() {
             // Timers wake up to a millisecond early (rounding); do not sleep again for that.
             if at > now + Duration::from_millis(1) {
                 break;
             }
-            self.timers.pop();
+            let Some(Reverse((_, i, _))) = self.timers.pop() else {
+                break;
+            };
+            // next_timer left a live entry on top, due at `at`.
             let Some(Some(t)) = self.table.get_mut(i) else {
                 continue;
             };
-            if t.generation != generation || t.timer != Some(at) {
-                continue;
-            }
             t.timer = None;
-            match t.sender.poll_timeout() {
-                Some(d) if d <= now + Duration::from_millis(1) => {
-                    t.sender.handle_timeout(now.max(d));
-                }
-                // The deadline moved later since this entry was queued (an ACK came in).
-                Some(d) => {
-                    t.timer = Some(d);
-                    self.timers.push(Reverse((d, i, generation)));
-                    continue;
-                }
-                None => {}
+            if let Some(d) = t.sender.poll_timeout() {
+                t.sender.handle_timeout(now.max(d));
             }
             self.drive(i);
         }
