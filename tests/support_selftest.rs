@@ -4,6 +4,9 @@
 
 mod support;
 
+#[path = "../benches/support/proc.rs"]
+mod bench_proc;
+
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -446,4 +449,27 @@ fn servers_run_in_sync_tests_and_stop_on_drop() {
         server.addr
     };
     assert!(!wait_tftp_ready(addr, Duration::from_millis(300)));
+}
+
+/// The storm benchmark's CPU figure for tftpd-hpa: in.tftpd ignores SIGCHLD, so the kernel reaps
+/// its per-request children and their CPU never reaches the listener's /proc `cutime` (the
+/// benchmark once compared branchtftp with tftpd-hpa's listener alone). The cgroup meter must
+/// count a forked transfer's time.
+#[tokio::test]
+async fn the_benchmarks_cpu_meter_counts_the_transfers_tftpd_hpa_forks() {
+    let files = TestFiles::with_sizes(&[("big.bin", 4 << 20)]);
+    let hpa = TftpdHpa::start(files.path());
+    let group = bench_proc::CpuGroup::join(hpa.pid())
+        .expect("a writable cgroup for the CPU meter (the suite runs as root)");
+    let by_proc0 = bench_proc::cpu_seconds(&hpa.pid().to_string());
+    let out = files.scratch("big.out");
+    let run = curl_tftp_get(hpa.addr, "big.bin", &out, None).await;
+    run.assert_intact(files.sha256("big.bin"));
+    let by_group = group.seconds();
+    let by_proc = bench_proc::cpu_seconds(&hpa.pid().to_string()) - by_proc0;
+    // 8,192 lock-step blocks: a recvfrom and a sendto each, far over 10 ms on any machine.
+    assert!(
+        by_group > 0.01,
+        "cgroup counted {by_group:.4} s for a 4 MiB transfer (/proc: {by_proc:.4} s)"
+    );
 }

@@ -1,6 +1,7 @@
 //! What the benchmarks read about a server process while it works, shared by the storm,
 //! HTTP storm and hostile-client benchmarks (each includes it with `#[path]`): free loopback
-//! ports to give a server, and CPU seconds, peak threads and peak RSS from /proc.
+//! ports to give a server, CPU seconds (from a cgroup of its own, so that forked children
+//! count), and peak threads and peak RSS from /proc.
 
 #![allow(dead_code)] // each benchmark reads what it reports
 
@@ -25,8 +26,7 @@ pub fn free_tcp_port() -> u16 {
         .port()
 }
 
-/// `pid` and its children alive now (nginx's workers; tftpd-hpa forks later, and what its
-/// reaped children spent is in its own `cutime`).
+/// `pid` and its children alive now (nginx's workers; tftpd-hpa forks one per request later).
 pub fn processes(pid: u32) -> Vec<u32> {
     let mut all = vec![pid];
     let children =
@@ -106,6 +106,20 @@ pub fn measure<T>(pid: u32, work: impl FnOnce() -> T) -> (T, Cost) {
             .map(|p| cpu_seconds(&p.to_string()))
             .sum::<f64>()
     };
+    // tftpd-hpa ignores SIGCHLD, so the kernel reaps its per-request children and their CPU
+    // time never reaches its `cutime`: /proc shows only the listener's forks, not the
+    // transfers. A cgroup counts every process forked after `pid` joined it.
+    let group = CpuGroup::join(pid);
+    let cpu = |pids: &[u32]| match &group {
+        Some(g) => g.seconds(),
+        None => cpu(pids),
+    };
+    if group.is_none() {
+        eprintln!(
+            "warning: no writable cgroup (run as root): server CPU from /proc, which misses \
+             the time of children a server reaps by ignoring SIGCHLD (tftpd-hpa's transfers)"
+        );
+    }
     let cpu0 = cpu(&pids);
     let sampling = Arc::new(AtomicBool::new(true));
     let (s2, p2) = (sampling.clone(), pids.clone());
@@ -197,4 +211,86 @@ pub fn import_into_cache(files: &std::path::Path, config: &std::path::Path) {
         .output()
         .expect("run branchtftp cache import");
     assert!(out.status.success(), "cache import: {out:?}");
+}
+
+/// A cgroup of one server process and whatever it forks, for CPU time the kernel charges to
+/// every task in it, exited ones included. Cgroup v2 (`cpu.stat`), else v1 `cpuacct`; `None`
+/// when neither can be written (not root). The process goes back to its old group on drop.
+pub struct CpuGroup {
+    dir: std::path::PathBuf,
+    /// The group the process came from, to move it (and its children) back.
+    parent: std::path::PathBuf,
+    v2: bool,
+}
+
+impl CpuGroup {
+    pub fn join(pid: u32) -> Option<CpuGroup> {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+        let mut candidates = Vec::new();
+        for line in mounts.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            match f.as_slice() {
+                [_, at, "cgroup2", ..] => candidates.push((std::path::PathBuf::from(at), true)),
+                [_, at, "cgroup", opts, ..] if opts.split(',').any(|o| o == "cpuacct") => {
+                    candidates.push((std::path::PathBuf::from(at), false))
+                }
+                _ => {}
+            }
+        }
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        for (root, v2) in candidates {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let dir = root.join(format!("branchtftp-bench-{}-{n}", std::process::id()));
+            if std::fs::create_dir(&dir).is_err() {
+                continue;
+            }
+            let g = CpuGroup {
+                dir,
+                parent: root,
+                v2,
+            };
+            if std::fs::write(g.dir.join("cgroup.procs"), pid.to_string()).is_ok()
+                && g.usage().is_some()
+            {
+                return Some(g);
+            }
+            // Dropping `g` removes the directory again.
+        }
+        None
+    }
+
+    fn usage(&self) -> Option<f64> {
+        if self.v2 {
+            let stat = std::fs::read_to_string(self.dir.join("cpu.stat")).ok()?;
+            let usec: f64 = stat
+                .lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))?
+                .trim()
+                .parse()
+                .ok()?;
+            Some(usec / 1e6)
+        } else {
+            let ns: f64 = std::fs::read_to_string(self.dir.join("cpuacct.usage"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            Some(ns / 1e9)
+        }
+    }
+
+    /// CPU seconds of every process in the group since it was made.
+    pub fn seconds(&self) -> f64 {
+        self.usage().unwrap_or(0.0)
+    }
+}
+
+impl Drop for CpuGroup {
+    fn drop(&mut self) {
+        let procs = std::fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default();
+        for p in procs.split_whitespace() {
+            let _ = std::fs::write(self.parent.join("cgroup.procs"), p);
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }

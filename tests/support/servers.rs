@@ -158,6 +158,11 @@ impl TftpdHpa {
     pub fn log(&self) -> String {
         self.process.log_text()
     }
+
+    /// The listener's process id (each request is served by a child it forks).
+    pub fn pid(&self) -> u32 {
+        self.process.child.id()
+    }
 }
 
 /// atftpd 0.8 (unpacked by tests/run.sh, path in `$ATFTPD`): the packaged server that speaks
