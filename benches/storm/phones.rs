@@ -229,6 +229,9 @@ enum Fetch {
     Io,
 }
 
+/// Datagrams the phones received twice (a server's retransmission), over all storms.
+pub static DUPLICATES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 const RESEND: Duration = Duration::from_secs(1);
 const SENDS: u32 = 4;
 
@@ -289,7 +292,10 @@ async fn fetch(
                     expected = expected.wrapping_add(1);
                 }
                 // A duplicate of something we have: our ACK was lost; the timer resends it.
-                _ => continue,
+                _ => {
+                    DUPLICATES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
             }
             peer = Some(from);
             sock.send_to(&last, from).await.map_err(|_| Fetch::Io)?;
