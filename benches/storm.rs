@@ -48,10 +48,14 @@ fn branchtftp(root: &Path, cache: &Path) -> Server {
         .local_addr()
         .unwrap();
     let cfg = cache.join("bt.yaml");
+    // `STORM_MAX_TRANSFERS`: another `access.max_transfers` (default: the server's own).
+    let max_transfers = std::env::var("STORM_MAX_TRANSFERS")
+        .map(|m| format!("  max_transfers: {m}\n"))
+        .unwrap_or_default();
     std::fs::write(
         &cfg,
         format!(
-            "log: warn\ntftp:\n  listen: [\"127.0.0.1:{port}\"]\nhttp:\n  listen: []\nadmin:\n  listen: \"{admin}\"\ncache:\n  dir: {}\n  overrides: {}\naccess:\n  allow: [\"127.0.0.0/8\"]\n",
+            "log: warn\ntftp:\n  listen: [\"127.0.0.1:{port}\"]\nhttp:\n  listen: []\nadmin:\n  listen: \"{admin}\"\ncache:\n  dir: {}\n  overrides: {}\naccess:\n  allow: [\"127.0.0.0/8\"]\n{max_transfers}",
             cache.join("c").display(),
             root.display()
         ),
