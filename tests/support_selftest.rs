@@ -459,7 +459,7 @@ fn servers_run_in_sync_tests_and_stop_on_drop() {
 async fn the_benchmarks_cpu_meter_counts_the_transfers_tftpd_hpa_forks() {
     let files = TestFiles::with_sizes(&[("big.bin", 4 << 20)]);
     let hpa = TftpdHpa::start(files.path());
-    let group = bench_proc::CpuGroup::join(hpa.pid())
+    let group = bench_proc::CpuGroup::join(&[hpa.pid()])
         .expect("a writable cgroup for the CPU meter (the suite runs as root)");
     let by_proc0 = bench_proc::cpu_seconds(&hpa.pid().to_string());
     let out = files.scratch("big.out");
@@ -471,5 +471,31 @@ async fn the_benchmarks_cpu_meter_counts_the_transfers_tftpd_hpa_forks() {
     assert!(
         by_group > 0.01,
         "cgroup counted {by_group:.4} s for a 4 MiB transfer (/proc: {by_proc:.4} s)"
+    );
+}
+
+/// The same meter for a server that forks its workers before it is measured (nginx): they
+/// join the cgroup with it, or their CPU goes uncounted.
+#[test]
+fn the_benchmarks_cpu_meter_counts_workers_forked_before_it_started() {
+    let mut server = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "sh -c 'sleep 0.3; i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done' & wait",
+        ])
+        .spawn()
+        .unwrap();
+    let mut pids = Vec::new();
+    let started = Instant::now();
+    while pids.len() < 2 && started.elapsed() < Duration::from_secs(5) {
+        pids = bench_proc::processes(server.id());
+    }
+    assert_eq!(pids.len(), 2, "the worker was not forked: {pids:?}");
+    let group = bench_proc::CpuGroup::join(&pids).expect("a writable cgroup");
+    assert!(server.wait().unwrap().success());
+    let counted = group.seconds();
+    assert!(
+        counted > 0.02,
+        "the worker's busy loop counted {counted:.4} s"
     );
 }

@@ -109,7 +109,7 @@ pub fn measure<T>(pid: u32, work: impl FnOnce() -> T) -> (T, Cost) {
     // tftpd-hpa ignores SIGCHLD, so the kernel reaps its per-request children and their CPU
     // time never reaches its `cutime`: /proc shows only the listener's forks, not the
     // transfers. A cgroup counts every process forked after `pid` joined it.
-    let group = CpuGroup::join(pid);
+    let group = CpuGroup::join(&pids);
     let cpu = |pids: &[u32]| match &group {
         Some(g) => g.seconds(),
         None => cpu(pids),
@@ -213,18 +213,20 @@ pub fn import_into_cache(files: &std::path::Path, config: &std::path::Path) {
     assert!(out.status.success(), "cache import: {out:?}");
 }
 
-/// A cgroup of one server process and whatever it forks, for CPU time the kernel charges to
+/// A cgroup of a server's processes and whatever they fork, for CPU time the kernel charges to
 /// every task in it, exited ones included. Cgroup v2 (`cpu.stat`), else v1 `cpuacct`; `None`
-/// when neither can be written (not root). The process goes back to its old group on drop.
+/// when neither can be written (not root). The processes go back to the root group on drop.
 pub struct CpuGroup {
     dir: std::path::PathBuf,
-    /// The group the process came from, to move it (and its children) back.
+    /// The hierarchy's root group, where the processes go back (a bench server starts there).
     parent: std::path::PathBuf,
     v2: bool,
 }
 
 impl CpuGroup {
-    pub fn join(pid: u32) -> Option<CpuGroup> {
+    /// Moves `pids` (a server and the children it has already forked: nginx's workers) into a
+    /// new group; what they fork later is born in it.
+    pub fn join(pids: &[u32]) -> Option<CpuGroup> {
         let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
         let mut candidates = Vec::new();
         for line in mounts.lines() {
@@ -249,9 +251,10 @@ impl CpuGroup {
                 parent: root,
                 v2,
             };
-            if std::fs::write(g.dir.join("cgroup.procs"), pid.to_string()).is_ok()
-                && g.usage().is_some()
-            {
+            let joined = pids
+                .iter()
+                .all(|p| std::fs::write(g.dir.join("cgroup.procs"), p.to_string()).is_ok());
+            if joined && g.usage().is_some() {
                 return Some(g);
             }
             // Dropping `g` removes the directory again.
