@@ -298,7 +298,19 @@ async fn hundred_phones_one_upstream_fetch() {
     }
     for r in real {
         let run = r.await.unwrap();
-        run.assert_intact(&sha);
+        if !run.success() || run.output_sha256().as_deref() != Some(sha.as_str()) {
+            // What the server saw of the phones that did not complete (a rare CI failure,
+            // curl exit 72 after 38 s, left nothing else to go on).
+            let log = branch.log();
+            let unusual: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains("transfer complete"))
+                .collect();
+            panic!(
+                "client failed: {run}\nserver log without completed transfers:\n{}",
+                unusual.join("\n")
+            );
+        }
     }
     let total = started.elapsed();
     assert_eq!(
