@@ -174,9 +174,9 @@ fn main() {
         ];
         for (name, start) in servers.iter().take(if with_floor { 3 } else { 2 }) {
             let server = start();
-            let dup0 = phones::DUPLICATES.load(std::sync::atomic::Ordering::Relaxed);
+            let dup0 = phones::duplicates();
             let r = run(&rt, &server, n);
-            let twice = phones::DUPLICATES.load(std::sync::atomic::Ordering::Relaxed) - dup0;
+            let twice = phones::duplicates() - dup0;
             eprintln!("{n} phones, {name}: DATA received twice (server retransmissions) {twice}");
             let (boots, cost) = (&r.0, &r.1);
             println!(

@@ -298,7 +298,7 @@ async fn hundred_phones_one_upstream_fetch() {
     }
     for r in real {
         let run = r.await.unwrap();
-        if !run.success() || run.output_sha256().as_deref() != Some(sha.as_str()) {
+        if !run.is_intact(&sha) {
             // What the server saw of the phones that did not complete (a rare CI failure,
             // curl exit 72 after 38 s, left nothing else to go on).
             let log = branch.log();
@@ -306,11 +306,12 @@ async fn hundred_phones_one_upstream_fetch() {
                 .lines()
                 .filter(|l| !l.contains("transfer complete"))
                 .collect();
-            panic!(
-                "client failed: {run}\nserver log without completed transfers:\n{}",
+            eprintln!(
+                "server log without completed transfers:\n{}",
                 unusual.join("\n")
             );
         }
+        run.assert_intact(&sha);
     }
     let total = started.elapsed();
     assert_eq!(

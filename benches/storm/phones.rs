@@ -230,7 +230,12 @@ enum Fetch {
 }
 
 /// Datagrams the phones received twice (a server's retransmission), over all storms.
-pub static DUPLICATES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static DUPLICATES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many datagrams the phones have received twice so far, over all storms.
+pub fn duplicates() -> u64 {
+    DUPLICATES.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 const RESEND: Duration = Duration::from_secs(1);
 const SENDS: u32 = 4;

@@ -867,27 +867,19 @@ impl Loop {
         self.finish(i, Err(TransferError::Source(e.to_string())));
     }
 
-    /// The earliest deadline a live transfer waits for. Entries of transfers that ended, and
-    /// entries whose deadline moved later since they were queued (an ACK came in), are settled
-    /// here, not by waking up for them: a boot storm leaves one such entry per finished file,
-    /// each a wasted wake-up of the loop a second later.
+    /// The earliest deadline queued for a live transfer. Entries of transfers that ended (or
+    /// that a newer entry replaced) are dropped here rather than woken up for: a heap cannot
+    /// remove them when the transfer ends, and a boot storm leaves one per finished file, each
+    /// a wasted wake-up of the loop a second later. Live entries are left to `fire_timers`.
     fn next_timer(&mut self) -> Option<Instant> {
         while let Some(&Reverse((at, i, generation))) = self.timers.peek() {
-            let live = match self.table.get_mut(i) {
-                Some(Some(t)) if t.generation == generation && t.timer == Some(at) => Some(t),
-                _ => None,
-            };
-            let Some(t) = live else {
-                self.timers.pop();
-                continue;
-            };
-            match t.sender.poll_timeout() {
-                Some(d) if d > at => {
-                    self.timers.pop();
-                    t.timer = Some(d);
-                    self.timers.push(Reverse((d, i, generation)));
+            match self.table.get(i) {
+                Some(Some(t)) if t.generation == generation && t.timer == Some(at) => {
+                    return Some(at)
                 }
-                _ => return Some(at),
+                _ => {
+                    self.timers.pop();
+                }
             }
         }
         None
@@ -895,21 +887,30 @@ impl Loop {
 
     fn fire_timers(&mut self) {
         let now = Instant::now();
-        while let Some(at) = self.next_timer() {
+        while let Some(&Reverse((at, i, generation))) = self.timers.peek() {
             // Timers wake up to a millisecond early (rounding); do not sleep again for that.
             if at > now + Duration::from_millis(1) {
                 break;
             }
-            let Some(Reverse((_, i, _))) = self.timers.pop() else {
-                break;
-            };
-            // next_timer left a live entry on top, due at `at`.
+            self.timers.pop();
             let Some(Some(t)) = self.table.get_mut(i) else {
                 continue;
             };
+            if t.generation != generation || t.timer != Some(at) {
+                continue;
+            }
             t.timer = None;
-            if let Some(d) = t.sender.poll_timeout() {
-                t.sender.handle_timeout(now.max(d));
+            match t.sender.poll_timeout() {
+                Some(d) if d <= now + Duration::from_millis(1) => {
+                    t.sender.handle_timeout(now.max(d));
+                }
+                // The deadline moved later since this entry was queued (an ACK came in).
+                Some(d) => {
+                    t.timer = Some(d);
+                    self.timers.push(Reverse((d, i, generation)));
+                    continue;
+                }
+                None => {}
             }
             self.drive(i);
         }

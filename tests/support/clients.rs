@@ -56,6 +56,11 @@ impl ClientRun {
         self.output.is_file().then(|| sha256_file(&self.output))
     }
 
+    /// Whether the client exited 0, reported no error and wrote a file with this sha256.
+    pub fn is_intact(&self, sha256: &str) -> bool {
+        self.success() && !self.reported_error() && self.output_sha256().as_deref() == Some(sha256)
+    }
+
     /// Panics unless the client exited 0, reported no error and wrote a file with this sha256.
     pub fn assert_intact(&self, sha256: &str) {
         assert!(
